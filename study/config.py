@@ -1,0 +1,258 @@
+"""The typed, validated trial config: YAML files, dotted overrides and one-line errors.
+
+A trial is fully described by one `TrialConfig`. It is built from a YAML file, from
+`--set section.key=value` overrides, or from the dict that Ray Tune passes to a trial, and
+validated at that edge: nothing deeper reads raw dict keys. Importing this module does not
+import TensorFlow, so a bad config is refused in milliseconds.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from study.data import DATASETS
+from study.losses import LOSSES
+from study.optimizers import OPTIMIZERS, SCHEDULES
+
+ACTIVATIONS = ("elu", "relu", "gelu", "silu", "selu", "leaky_relu", "tanh")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the field."""
+
+
+def _check_name(value: str, allowed, what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, and a validated config never changes under a running trial.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: str = "cifar100"
+    # CIFAR-100 has 100 fine and 20 coarse classes; CIFAR-10 ignores this.
+    label_mode: Literal["fine", "coarse"] = "fine"
+    # The official tarball, a folder holding it, or its extracted folder. None: Keras cache,
+    # downloading once if needed.
+    data_dir: str | None = None
+    # "split": validate on a stratified split carved from the training set, keeping the
+    # test set for the final evaluation only. "test": validate on the test set, as the
+    # 2020 notebook did (only for reproducing it).
+    validation: Literal["split", "test"] = "split"
+    # A fraction of the training set in (0, 1), or a count of images (an integer >= 1).
+    validation_size: float | int = Field(default=0.1, gt=0)
+    # The split (and subsets) depend on this seed only, not on the trial's seed, so every
+    # trial of a study is validated on the same images.
+    split_seed: int = Field(default=0, ge=0)
+    # Keep only this many training (and test) images, stratified; for smoke runs.
+    train_subset: int | None = Field(default=None, ge=1)
+    test_subset: int | None = Field(default=None, ge=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value):
+        return _check_name(value, DATASETS, "dataset")
+
+    @field_validator("validation_size")
+    @classmethod
+    def _fraction_or_count(cls, value):
+        if isinstance(value, float) and not value < 1:
+            raise ValueError("must be a fraction in (0, 1) or a whole number of images >= 1")
+        return value
+
+    @property
+    def num_classes(self) -> int:
+        return DATASETS[self.dataset].num_classes[self.label_mode]
+
+
+class ModelConfig(_Section):
+    # Multiplies every layer's width: 1.0 is the notebook's 128-256-512 convs and 1024 dense.
+    width: float = Field(default=1.0, gt=0, le=8)
+    conv_dropout: float = Field(default=0.25, ge=0, lt=1)
+    dense_dropout: float = Field(default=0.5, ge=0, lt=1)
+    activation: str = "elu"
+    batch_norm: bool = False
+    # Random horizontal flips and 4-pixel translations, as Keras layers active in training only.
+    augment: bool = False
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, value):
+        return _check_name(value, ACTIVATIONS, "activation")
+
+
+class LossConfig(_Section):
+    name: str = "categorical_crossentropy"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    focal_gamma: float = Field(default=2.0, ge=0, le=10)
+    # "auto": each loss gets the head it is meant for (see study/losses.py).
+    # "softmax": a softmax head for every loss, as the 2020 notebook had.
+    head: Literal["auto", "softmax"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known_loss(cls, value):
+        return _check_name(value, LOSSES, "loss")
+
+    @model_validator(mode="after")
+    def _smoothing_supported(self):
+        if self.label_smoothing > 0 and not LOSSES[self.name].label_smoothing:
+            allowed = ", ".join(n for n, spec in LOSSES.items() if spec.label_smoothing)
+            raise ValueError(
+                f"label_smoothing > 0 is not defined for loss {self.name!r}; only for: {allowed}"
+            )
+        return self
+
+
+class OptimizerConfig(_Section):
+    name: str = "adam"
+    learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    # Decoupled weight decay (applied by the optimizer, scaled by the learning rate); not
+    # applied to biases or batch-norm scales and offsets.
+    weight_decay: float = Field(default=0.0, ge=0, lt=1)
+    # SGD only.
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    schedule: str = "cosine"
+    # inverse_time only: lr / (1 + decay * step), the old Keras `decay=` argument.
+    decay: float = Field(default=1e-6, ge=0)
+    # cosine only: linear warm-up over this many epochs, then cosine decay to zero.
+    warmup_epochs: float = Field(default=0.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, value):
+        return _check_name(value, OPTIMIZERS, "optimizer")
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value):
+        return _check_name(value, SCHEDULES, "schedule")
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(default=30, ge=1, le=10_000)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
+    # Evaluation has no gradients, so it can use much larger batches.
+    eval_batch_size: int = Field(default=1024, ge=1, le=65_536)
+    # Save model.keras every this many epochs (and always after the last one).
+    checkpoint_every: int = Field(default=1, ge=1)
+    # "auto": on when a GPU is visible, off on CPU (where they slow training down).
+    mixed_precision: bool | Literal["auto"] = "auto"
+    jit_compile: bool | Literal["auto"] = "auto"
+
+
+class TrialConfig(_Section):
+    """Everything one trial needs; a best trial is rebuilt from this alone."""
+
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self):
+        if self.optimizer.warmup_epochs >= self.training.epochs:
+            raise ValueError(
+                f"optimizer.warmup_epochs ({self.optimizer.warmup_epochs:g}) must be less "
+                f"than training.epochs ({self.training.epochs})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_error(error: ValidationError) -> str:
+    """One line naming the first bad field and what is allowed."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        section, _, key = location.rpartition(".")
+        owner = TrialConfig
+        for part in filter(None, section.split(".")):
+            owner = owner.model_fields[part].annotation
+        allowed = ", ".join(owner.model_fields)
+        where = f"in '{section}'" if section else "at the top level"
+        return f"unknown key '{location}'; allowed keys {where}: {allowed}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "model_type":
+        return f"{location or 'config'}: must be a mapping of keys to values{more}"
+    prefix = f"{location}: " if location else ""
+    got = "" if first["type"].startswith("value_error") else f" (got {first['input']!r})"
+    return f"{prefix}{message}{got}{more}"
+
+
+def validate(raw: dict[str, Any]) -> TrialConfig:
+    """Validates a nested dict (a YAML file's contents, or what Ray Tune passes)."""
+    try:
+        return TrialConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"--config: cannot read {path}: {error.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections, not {raw!r:.40}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Applies one `section.key=value` override in place; the value is parsed as YAML."""
+    dotted, sep, text = assignment.partition("=")
+    if not sep or not dotted.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
+    set_value(raw, dotted.strip(), value)
+
+
+def set_value(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Sets `section.key` in a nested dict, creating sections as needed."""
+    *sections, key = dotted.split(".")
+    node = raw
+    for section in sections:
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{section}' is not a section")
+        node = child
+    node[key] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), values: dict[str, Any] = None
+) -> TrialConfig:
+    """Reads a YAML config (or the defaults), applies `--set` overrides and values, validates."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    for dotted, value in (values or {}).items():
+        set_value(raw, dotted, value)
+    return validate(raw)
+
+
+def dump_yaml(config: TrialConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,139 @@
+"""The trial config: defaults, files, overrides, and one-line errors for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from study.config import ConfigError, TrialConfig, load_config, validate
+
+from .conftest import REPO
+
+CONFIGS = REPO / "configs"
+
+
+def test_default_yaml_is_the_code_defaults():
+    assert load_config(CONFIGS / "default.yaml") == TrialConfig()
+    assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == TrialConfig().to_dict()
+
+
+def test_seed_config_is_the_notebook():
+    config = load_config(CONFIGS / "seed.yaml")
+    assert config.model.width == 1.0 and not config.model.batch_norm and not config.model.augment
+    assert (config.optimizer.name, config.optimizer.learning_rate) == ("rmsprop", 1e-4)
+    assert (config.optimizer.schedule, config.optimizer.decay) == ("inverse_time", 1e-6)
+    assert config.training.batch_size == 64
+    assert config.loss.head == "softmax"
+    assert config.data.validation == "test"
+
+
+def test_smoke_config_is_small():
+    config = load_config(CONFIGS / "smoke.yaml")
+    assert config.model.width < 0.5 and config.training.epochs <= 2
+    assert config.data.train_subset <= 1000
+
+
+def test_overrides_are_typed_by_yaml():
+    config = load_config(
+        None,
+        ["optimizer.learning_rate=0.01", "model.batch_norm=true", "training.epochs=3",
+         "data.validation_size=500"],
+    )
+    assert config.optimizer.learning_rate == 0.01
+    assert config.model.batch_norm is True
+    assert config.training.epochs == 3
+    assert config.data.validation_size == 500 and isinstance(config.data.validation_size, int)
+
+
+def test_resolved_config_round_trips():
+    config = load_config(CONFIGS / "seed.yaml", ["loss.name=hinge"])
+    assert validate(config.to_dict()) == config
+
+
+BAD_OVERRIDES = [
+    ("model.width=0", "model.width"),
+    ("model.width=-1", "model.width"),
+    ("model.conv_dropout=1.0", "model.conv_dropout"),
+    ("model.dense_dropout=-0.1", "model.dense_dropout"),
+    ("training.epochs=0", "training.epochs"),
+    ("training.batch_size=0", "training.batch_size"),
+    ("training.epochs=abc", "training.epochs"),
+    ("optimizer.learning_rate=0", "optimizer.learning_rate"),
+    ("loss.name=cross_entropy", "unknown loss 'cross_entropy'; allowed: categorical_crossentropy"),
+    ("optimizer.name=adagrad", "unknown optimizer 'adagrad'; allowed: rmsprop, adam, adamw, sgd"),
+    ("optimizer.schedule=step", "unknown schedule 'step'"),
+    ("data.dataset=imagenet", "unknown dataset 'imagenet'; allowed: cifar100, cifar10"),
+    ("model.activation=swish2", "unknown activation"),
+    ("model.depth=3", "unknown key 'model.depth'; allowed keys in 'model': width"),
+    ("trainer.epochs=3", "unknown key 'trainer'"),
+    ("data.validation_size=1.5", "data.validation_size"),
+    ("data.validation=val", "data.validation"),
+    ("optimizer.warmup_epochs=40", "optimizer.warmup_epochs"),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), BAD_OVERRIDES)
+def test_bad_values_name_the_field(override, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    message = str(error.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_label_smoothing_only_where_defined():
+    load_config(None, ["loss.name=focal", "loss.label_smoothing=0.1"])
+    with pytest.raises(ConfigError, match="label_smoothing > 0 is not defined for loss 'hinge'"):
+        load_config(None, ["loss.name=hinge", "loss.label_smoothing=0.1"])
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  width: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listing)
+
+
+def _run(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "study.run", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "model.width=0"], "error: model.width: Input should be greater than 0"),
+        (["--set", "loss.name=nope"], "error: loss.name: unknown loss 'nope'"),
+        (["--set", "model.nope=1"], "error: unknown key 'model.nope'"),
+        (["--set", "noequals"], "error: --set 'noequals': expected section.key=value"),
+        (["--config", "missing.yaml"], "error: --config: cannot read missing.yaml"),
+        (["--data-dir", "/nonexistent/cifar"], "error: --data-dir: /nonexistent/cifar does not"),
+    ],
+)
+def test_command_line_errors_exit_2_with_one_line(args, expected):
+    result = _run("--local", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(expected), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, cifar100_tarball):
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text("precious")
+    result = _run(
+        "--local", "--config", str(CONFIGS / "smoke.yaml"), "--data-dir", str(cifar100_tarball),
+        "--storage-path", str(tmp_path), "--name", "taken",
+    )
+    assert result.returncode == 2
+    assert "already exists" in result.stderr
+    assert (run_dir / "result.json").read_text() == "precious"
