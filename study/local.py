@@ -1,0 +1,72 @@
+"""Local single-trial mode: one trial in this process, no Ray, results in a run folder.
+
+The folder holds `config.yaml` (the resolved config), `epochs.csv` (one row per epoch),
+`result.json` (how it ended, best and final metrics, test metrics) and `model.keras`.
+"""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from study import results
+from study.config import TrialConfig, dump_yaml
+from study.data import CifarData
+from study.trainable import MODEL_FILE, METRIC, Outcome, train_and_evaluate
+
+
+class LocalSink:
+    """Writes each epoch to epochs.csv, keeps the latest model, prints a progress line."""
+
+    def __init__(self, run_dir: Path, epochs: int, echo=print):
+        self.run_dir = run_dir
+        self.epochs = epochs
+        self.rows: list[dict] = []
+        self.echo = echo
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        self.rows.append(metrics)
+        results.write_csv(self.run_dir / "epochs.csv", self.rows)
+        if checkpoint:
+            os.replace(checkpoint / MODEL_FILE, self.run_dir / MODEL_FILE)
+            shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        self.echo(progress_line(metrics, self.epochs))
+
+
+def progress_line(metrics: dict, epochs: int) -> str:
+    line = (
+        f"epoch {metrics['epoch']:>3}/{epochs}  loss {metrics['loss']:.4f}  "
+        f"accuracy {metrics['accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+        f"val_accuracy {metrics['val_accuracy']:.4f}  lr {metrics['learning_rate']:.2e}  "
+        f"{metrics['images_per_second']:,.0f} img/s  {metrics['epoch_seconds']:.1f} s"
+    )
+    if "test_accuracy" in metrics:
+        line += f"  test_accuracy {metrics['test_accuracy']:.4f}"
+    return line
+
+
+def summarise(outcome: Outcome, seconds: float) -> dict:
+    """What result.json holds: how the trial ended and its best, final and test metrics."""
+    best = max(outcome.history, key=lambda row: row[METRIC], default=None)
+    return {
+        "status": outcome.status,
+        "message": outcome.message,
+        "epochs_run": len(outcome.history),
+        "best_epoch": best["epoch"] if best else None,
+        f"best_{METRIC}": best[METRIC] if best else None,
+        "best": best,
+        "final": outcome.history[-1] if outcome.history else None,
+        "test": outcome.test,
+        "seconds": seconds,
+    }
+
+
+def run_local(config: TrialConfig, data: CifarData, run_dir: Path, echo=print) -> dict:
+    """Trains one trial into `run_dir` (which must not exist yet); returns result.json."""
+    run_dir.mkdir(parents=True)
+    results.write_text(run_dir / "config.yaml", dump_yaml(config))
+    started = time.perf_counter()
+    outcome = train_and_evaluate(config, data, LocalSink(run_dir, config.training.epochs, echo))
+    summary = summarise(outcome, time.perf_counter() - started)
+    results.write_json(run_dir / "result.json", summary)
+    return summary

@@ -1,0 +1,217 @@
+"""One trial: config -> data -> model -> compile -> `model.fit`, reporting every epoch.
+
+`train_and_evaluate` is the library function; where each epoch's metrics and checkpoints
+go is up to a `sink`: `LocalSink` (study/local.py) writes a run folder, `TuneSink` hands
+them to Ray Tune. `tune_trainable` is the function Ray Tune runs.
+"""
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from study import data as data_lib
+from study.config import TrialConfig, validate
+from study.losses import build_loss, target_encoder
+from study.model import build_model
+from study.optimizers import build_optimizer
+
+# The one metric that the searcher, the scheduler and the analysis rank trials by. Never a
+# loss: values of different losses are not comparable.
+METRIC = "val_accuracy"
+MODE = "max"
+
+MODEL_FILE = "model.keras"
+STATE_FILE = "state.json"
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss."""
+
+
+@dataclass
+class Outcome:
+    """How a trial ended; `history` holds every reported epoch's metrics."""
+
+    status: str  # "completed" or "diverged"
+    history: list[dict] = field(default_factory=list)
+    test: dict = field(default_factory=dict)
+    message: str = ""
+
+
+def configure_devices(config: TrialConfig) -> dict:
+    """Memory growth on every GPU; mixed precision and XLA on GPUs unless the config says."""
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        # Trials may share a GPU: take memory as needed instead of all of it at start.
+        tf.config.experimental.set_memory_growth(gpu, True)
+    mixed, jit = config.training.mixed_precision, config.training.jit_compile
+    mixed = bool(gpus) if mixed == "auto" else mixed
+    jit = bool(gpus) if jit == "auto" else jit
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    return {"gpus": len(gpus), "mixed_precision": mixed, "jit_compile": jit}
+
+
+def compile_model(config: TrialConfig, steps_per_epoch: int, jit_compile: bool) -> keras.Model:
+    model = build_model(config)
+    model.compile(
+        optimizer=build_optimizer(config.optimizer, steps_per_epoch, config.training.epochs),
+        loss=build_loss(config.loss),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def save_checkpoint(model: keras.Model, epoch: int, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / MODEL_FILE)
+    (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
+    return directory
+
+
+def restore_checkpoint(model: keras.Model, directory: Path) -> int:
+    """Loads weights and optimizer state into a compiled model; returns the epochs done."""
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(directory / MODEL_FILE)
+    return json.loads((directory / STATE_FILE).read_text())["epoch"]
+
+
+class EpochReporter(keras.callbacks.Callback):
+    """Times each epoch, stops at a non-finite loss, checkpoints and hands metrics on."""
+
+    def __init__(self, sink, config: TrialConfig, train_images: int):
+        super().__init__()
+        self.sink = sink
+        self.config = config
+        self.train_images = train_images
+        self.history: list[dict] = []
+        self.diverged_at: tuple[int, int] | None = None
+        self.final: tuple[dict, Path | None] | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.started = time.perf_counter()
+        self.train_seconds = None
+
+    def on_test_begin(self, logs=None):
+        if self.train_seconds is None:
+            self.train_seconds = time.perf_counter() - self.started
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.diverged_at is None:
+            self.diverged_at = (self.epoch + 1, batch + 1)
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.diverged_at is not None:
+            return  # A diverged epoch is not a result; the trial ends with that status.
+        done = epoch + 1
+        elapsed = time.perf_counter() - self.started
+        train_seconds = self.train_seconds or elapsed
+        metrics = {
+            "epoch": done,
+            **{key: float(logs[key]) for key in ("loss", "accuracy", "val_loss", "val_accuracy")},
+            "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            "images_per_second": self.train_images / train_seconds,
+            "epoch_seconds": elapsed,
+        }
+        self.history.append(metrics)
+        last = done == self.config.training.epochs
+        checkpoint = None
+        if last or done % self.config.training.checkpoint_every == 0:
+            checkpoint = save_checkpoint(self.model, done, Path(tempfile.mkdtemp()) / "checkpoint")
+        if last:
+            self.final = (metrics, checkpoint)  # Reported with the test metrics, after fit.
+        else:
+            self.sink.report(metrics, checkpoint)
+
+
+def _datasets(config: TrialConfig, splits: data_lib.Splits):
+    encode = target_encoder(config.loss, config.data.num_classes)
+    train = data_lib.make_dataset(
+        splits.x_train,
+        splits.y_train,
+        batch_size=config.training.batch_size,
+        encode_targets=encode,
+        shuffle=True,
+        seed=config.seed,
+    )
+
+    def evaluation(images, labels):
+        return data_lib.make_dataset(
+            images, labels, batch_size=config.training.eval_batch_size, encode_targets=encode
+        )
+
+    return train, evaluation(splits.x_val, splits.y_val), evaluation(splits.x_test, splits.y_test)
+
+
+def train_and_evaluate(
+    config: TrialConfig, data: data_lib.CifarData, sink, checkpoint: Path | None = None
+) -> Outcome:
+    """Trains one configuration, reporting each epoch to `sink`; resumes from `checkpoint`."""
+    keras.utils.set_random_seed(config.seed)
+    devices = configure_devices(config)
+    splits = data_lib.split(data, config.data, seed=config.data.split_seed)
+    train, validation, test = _datasets(config, splits)
+    steps_per_epoch = math.ceil(len(splits.y_train) / config.training.batch_size)
+    model = compile_model(config, steps_per_epoch, devices["jit_compile"])
+    initial_epoch = restore_checkpoint(model, checkpoint) if checkpoint else 0
+    reporter = EpochReporter(sink, config, len(splits.y_train))
+    model.fit(
+        train,
+        validation_data=validation,
+        epochs=config.training.epochs,
+        initial_epoch=initial_epoch,
+        callbacks=[reporter],
+        shuffle=False,  # The tf.data pipeline shuffles, every epoch.
+        verbose=0,
+    )
+    if reporter.diverged_at is not None:
+        epoch, step = reporter.diverged_at
+        message = f"non-finite loss in epoch {epoch}, step {step}"
+        return Outcome("diverged", reporter.history, message=message)
+    test_loss, test_accuracy = model.evaluate(test, verbose=0)
+    test_metrics = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy)}
+    if reporter.final is not None:
+        metrics, final_checkpoint = reporter.final
+        metrics.update(test_metrics)
+        sink.report(metrics, final_checkpoint)
+    return Outcome("completed", reporter.history, test=test_metrics)
+
+
+class TuneSink:
+    """Reports to Ray Tune; Ray copies each checkpoint into the trial's storage."""
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        from ray import tune
+
+        tune_checkpoint = tune.Checkpoint.from_directory(checkpoint) if checkpoint else None
+        try:
+            tune.report(metrics, checkpoint=tune_checkpoint)
+        finally:
+            if checkpoint:
+                shutil.rmtree(checkpoint.parent, ignore_errors=True)
+
+
+def tune_trainable(config: dict, data: data_lib.CifarData) -> None:
+    """The function Ray Tune runs: validate the trial's config, resume, train."""
+    from ray import tune
+
+    trial_config = validate(config)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        outcome = train_and_evaluate(trial_config, data, TuneSink())
+    else:
+        with checkpoint.as_directory() as directory:
+            outcome = train_and_evaluate(trial_config, data, TuneSink(), Path(directory))
+    if outcome.status == "diverged":
+        raise Diverged(outcome.message)
+
