@@ -106,20 +106,24 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allowed numpy constructors."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Refuses every global except the numpy array constructors, so a file cannot run code."""
 
     def find_class(self, module, name):
         allowed = _ALLOWED_GLOBALS.get((module, name))
         if allowed is None:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+            raise RefusedGlobal(f"refused global {module}.{name}")
         return allowed
 
 
 def _unpickle(blob: bytes, where: str) -> dict:
     try:
         batch = _RestrictedUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except pickle.UnpicklingError as error:
+    except RefusedGlobal as error:
         raise DataError(f"{where}: not a CIFAR batch, refused to unpickle ({error})") from None
     except Exception as error:  # A damaged pickle can fail in many ways; none are usable.
         raise DataError(f"{where}: corrupt pickle ({type(error).__name__}: {error})") from None
@@ -297,10 +301,10 @@ def _subset(x, y, count, rng, field):
 def split(data: CifarData, config, seed: int) -> Splits:
     """Carves a seeded, stratified validation split (or uses the test set, if asked)."""
     rng = np.random.default_rng(seed)
-    x_train, y_train = _subset(data.x_train, data.y_train, config.train_subset, rng,
-                               "data.train_subset")
-    x_test, y_test = _subset(data.x_test, data.y_test, config.test_subset, rng,
-                             "data.test_subset")
+    x_train, y_train = _subset(
+        data.x_train, data.y_train, config.train_subset, rng, "data.train_subset"
+    )
+    x_test, y_test = _subset(data.x_test, data.y_test, config.test_subset, rng, "data.test_subset")
     if config.validation == "test":
         x_val, y_val = x_test, y_test
     else:

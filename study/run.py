@@ -59,14 +59,17 @@ def run_local_command(args) -> int:
     data_lib.resolve_path(config.data.dataset, config.data.data_dir)
     run_dir = _run_dir(args)
 
+    data = data_lib.load_cifar(config.data.dataset, config.data.data_dir, config.data.label_mode)
+    data_lib.split(data, config.data, seed=config.data.split_seed)  # Sizes checked up front.
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's start-up quiet.
     from study.local import run_local
 
-    data = data_lib.load_cifar(config.data.dataset, config.data.data_dir, config.data.label_mode)
-    data_lib.split(data, config.data, seed=config.data.split_seed)  # Sizes checked up front.
     print(f"run folder: {run_dir}")
     summary = run_local(config, data, run_dir)
-    print(f"{summary['status']}: wrote config.yaml, epochs.csv, result.json, model.keras to {run_dir}")
+    print(
+        f"{summary['status']}: wrote config.yaml, epochs.csv, result.json, model.keras to {run_dir}"
+    )
     if summary["status"] == "diverged":
         print(f"diverged: {summary['message']}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -214,4 +214,3 @@ def tune_trainable(config: dict, data: data_lib.CifarData) -> None:
             outcome = train_and_evaluate(trial_config, data, TuneSink(), Path(directory))
     if outcome.status == "diverged":
         raise Diverged(outcome.message)
-

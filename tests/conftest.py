@@ -17,7 +17,9 @@ def shared_sample(name: str) -> Path:
     """A real CIFAR sample from ../shared/data; skips where a clone has no ../shared."""
     path = SHARED_DATA / name
     if not path.is_file():
-        pytest.skip(f"{path} is absent: the real CIFAR samples live in ../shared/data beside the repo")
+        pytest.skip(
+            f"{path} is absent: the real CIFAR samples live in ../shared/data beside the repo"
+        )
     return path
 
 

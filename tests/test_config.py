@@ -37,8 +37,12 @@ def test_smoke_config_is_small():
 def test_overrides_are_typed_by_yaml():
     config = load_config(
         None,
-        ["optimizer.learning_rate=0.01", "model.batch_norm=true", "training.epochs=3",
-         "data.validation_size=500"],
+        [
+            "optimizer.learning_rate=0.01",
+            "model.batch_norm=true",
+            "training.epochs=3",
+            "data.validation_size=500",
+        ],
     )
     assert config.optimizer.learning_rate == 0.01
     assert config.model.batch_norm is True
@@ -131,8 +135,15 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, cifar100_tarball):
     run_dir.mkdir()
     (run_dir / "result.json").write_text("precious")
     result = _run(
-        "--local", "--config", str(CONFIGS / "smoke.yaml"), "--data-dir", str(cifar100_tarball),
-        "--storage-path", str(tmp_path), "--name", "taken",
+        "--local",
+        "--config",
+        str(CONFIGS / "smoke.yaml"),
+        "--data-dir",
+        str(cifar100_tarball),
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "taken",
     )
     assert result.returncode == 2
     assert "already exists" in result.stderr

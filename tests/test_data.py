@@ -1,0 +1,291 @@
+"""Reading the official files safely, splitting, and the tf.data input pipeline."""
+
+import io
+import os
+import pickle
+import pickletools
+import tarfile
+
+import numpy as np
+import pytest
+
+from study import data as data_lib
+from study import synthetic
+from study.config import DataConfig
+
+from .conftest import shared_sample
+
+
+def _globals(blob: bytes) -> set:
+    return {arg for op, arg, _ in pickletools.genops(blob) if "GLOBAL" in op.name}
+
+
+def _member(path, name) -> bytes:
+    with tarfile.open(path) as archive:
+        return archive.extractfile(name).read()
+
+
+def _trusted_decode(path, name, label_key):
+    """An independent reading of one batch, as the CIFAR website describes it."""
+    batch = pickle.loads(_member(path, name), encoding="bytes")
+    images = batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.array(batch[label_key])
+
+
+# --- The real samples ------------------------------------------------------------------
+
+
+def test_reads_real_cifar100_sample():
+    path = shared_sample("cifar-100-sample.tar.gz")
+    data = data_lib.load_cifar("cifar100", path)
+    assert data.x_train.shape == (716, 32, 32, 3) and data.x_train.dtype == np.uint8
+    assert data.x_test.shape == (200, 32, 32, 3)
+    images, labels = _trusted_decode(path, "cifar-100-python/train", b"fine_labels")
+    np.testing.assert_array_equal(data.x_train, images)
+    np.testing.assert_array_equal(data.y_train, labels)
+    images, labels = _trusted_decode(path, "cifar-100-python/test", b"fine_labels")
+    np.testing.assert_array_equal(data.x_test, images)
+    np.testing.assert_array_equal(data.y_test, labels)
+    assert len(data.class_names) == 100
+    assert data.class_names[:3] == ("apple", "aquarium_fish", "baby")
+    coarse = data_lib.load_cifar("cifar100", path, label_mode="coarse")
+    assert len(coarse.class_names) == 20 and coarse.y_train.max() < 20
+    np.testing.assert_array_equal(coarse.x_train, data.x_train)
+
+
+def test_reads_real_cifar10_sample():
+    path = shared_sample("cifar-10-sample.tar.gz")
+    data = data_lib.load_cifar("cifar10", path)
+    assert data.x_train.shape == (4000, 32, 32, 3) and data.x_test.shape == (500, 32, 32, 3)
+    batches = [
+        _trusted_decode(path, f"cifar-10-batches-py/data_batch_{i}", b"labels") for i in range(1, 6)
+    ]
+    np.testing.assert_array_equal(data.x_train, np.concatenate([b[0] for b in batches]))
+    np.testing.assert_array_equal(data.y_train, np.concatenate([b[1] for b in batches]))
+    assert data.class_names == (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    )
+    # Real photographs: every class present, pixel statistics of natural images.
+    assert set(np.unique(data.y_train)) == set(range(10))
+    assert 80 < data.x_train.mean() < 160
+
+
+def test_synthetic_files_use_the_real_files_globals():
+    real = shared_sample("cifar-100-sample.tar.gz")
+    fake = synthetic.pickle_python2({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]})
+    assert _globals(fake) == _globals(_member(real, "cifar-100-python/train"))
+
+
+# --- Where the files are ----------------------------------------------------------------
+
+
+def test_reads_tarball_folder_and_extracted_folder(tmp_path, cifar100_tarball):
+    from_tarball = data_lib.load_cifar("cifar100", cifar100_tarball)
+    assert from_tarball.x_train.shape == (500, 32, 32, 3)
+    assert from_tarball.class_names[7] == "fine_7"
+    from_folder = data_lib.load_cifar("cifar100", cifar100_tarball.parent)
+    with tarfile.open(cifar100_tarball) as archive:
+        archive.extractall(tmp_path, filter="data")
+    for folder in (tmp_path, tmp_path / "cifar-100-python"):
+        extracted = data_lib.load_cifar("cifar100", folder)
+        np.testing.assert_array_equal(extracted.x_train, from_tarball.x_train)
+    np.testing.assert_array_equal(from_folder.y_test, from_tarball.y_test)
+
+
+def test_ambiguous_folder_names_the_candidates(tmp_path):
+    for name in ("cifar-10-a.tar.gz", "cifar-10-b.tar.gz"):
+        synthetic.write_cifar(tmp_path / name, "cifar10", 2, 1)
+    with pytest.raises(data_lib.DataError, match="several tarballs .*cifar-10-a.tar.gz"):
+        data_lib.load_cifar("cifar10", tmp_path)
+
+
+def test_download_failure_says_use_data_dir(monkeypatch):
+    import keras
+
+    def offline(**kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(data_lib.DataError) as error:
+        data_lib.load_cifar("cifar100")
+    message = str(error.value)
+    assert "cifar-100-python.tar.gz" in message and "--data-dir" in message
+    assert "\n" not in message
+
+
+def test_download_uses_official_url_and_hash(monkeypatch, cifar100_tarball):
+    import keras
+
+    calls = []
+
+    def cached(**kwargs):
+        calls.append(kwargs)
+        return str(cifar100_tarball)
+
+    monkeypatch.setattr(keras.utils, "get_file", cached)
+    assert data_lib.load_cifar("cifar100").x_train.shape == (500, 32, 32, 3)
+    assert calls[0]["origin"] == "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    assert calls[0]["file_hash"] == (
+        "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
+    )
+
+
+# --- Hostile and damaged files ----------------------------------------------------------
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _replace_member(source, target, name, blob):
+    with tarfile.open(source) as archive:
+        members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
+    members[name] = blob
+    return synthetic.write_tarball(target, members)
+
+
+def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, cifar100_tarball):
+    marker = tmp_path / "pwned"
+    evil = synthetic.pickle_python2({b"data": _RunsCode(marker)})
+    # The payload is live: plain pickle would run it.
+    pickle.loads(evil.replace(b"pwned", b"armed"), encoding="bytes")
+    assert (tmp_path / "armed").exists()
+    path = _replace_member(
+        cifar100_tarball, tmp_path / "evil.tar.gz", "cifar-100-python/train", evil
+    )
+    with pytest.raises(data_lib.DataError, match=r"refused global (posix|os)\.system"):
+        data_lib.load_cifar("cifar100", path)
+    assert not marker.exists()
+
+
+def test_truncated_and_non_gzip_files(tmp_path, cifar100_tarball):
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(cifar100_tarball.read_bytes()[: cifar100_tarball.stat().st_size // 2])
+    with pytest.raises(data_lib.DataError, match="truncated or not a gzip tarball"):
+        data_lib.load_cifar("cifar100", truncated)
+    plain = tmp_path / "plain.tar.gz"
+    plain.write_text("hello")
+    with pytest.raises(data_lib.DataError, match="truncated or not a gzip tarball"):
+        data_lib.load_cifar("cifar100", plain)
+
+
+def test_corrupt_pickle_member(tmp_path, cifar100_tarball):
+    blob = _member(cifar100_tarball, "cifar-100-python/test")
+    path = _replace_member(
+        cifar100_tarball, tmp_path / "bad.tar.gz", "cifar-100-python/test", blob[: len(blob) // 3]
+    )
+    with pytest.raises(data_lib.DataError, match="test: corrupt pickle"):
+        data_lib.load_cifar("cifar100", path)
+
+
+@pytest.mark.parametrize(
+    ("batch", "expected"),
+    [
+        ({b"data": np.zeros((2, 1024), np.uint8), b"fine_labels": [0, 1]}, "expected 3072"),
+        ({b"data": np.zeros((2, 3072), np.float32), b"fine_labels": [0, 1]}, "must be a uint8"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 100]}, r"\[0, 100\)"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0]}, "one per image"),
+        ({b"data": np.zeros((2, 3072), np.uint8)}, "no 'fine_labels'"),
+    ],
+)
+def test_malformed_batches(tmp_path, cifar100_tarball, batch, expected):
+    path = _replace_member(
+        cifar100_tarball,
+        tmp_path / "bad.tar.gz",
+        "cifar-100-python/train",
+        synthetic.pickle_python2(batch),
+    )
+    with pytest.raises(data_lib.DataError, match=expected):
+        data_lib.load_cifar("cifar100", path)
+
+
+def test_tarball_with_wrong_members(tmp_path, cifar10_tarball):
+    with pytest.raises(data_lib.DataError, match="no member cifar-100-python/train"):
+        data_lib.load_cifar("cifar100", cifar10_tarball)
+
+
+# --- Splits -----------------------------------------------------------------------------
+
+
+def _data(per_class=20, classes=10):
+    labels = np.repeat(np.arange(classes), per_class)
+    images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None] * np.ones(
+        (1, 32, 32, 3), np.uint8
+    )
+    return data_lib.CifarData(images, labels, images[:30], labels[:30], tuple("abcdefghij"))
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    data = _data()
+    splits = data_lib.split(data, DataConfig(validation_size=0.25), seed=3)
+    assert len(splits.y_val) == 50 and len(splits.y_train) == 150
+    np.testing.assert_array_equal(np.bincount(splits.y_val), np.full(10, 5))
+    assert not set(splits.x_val[:, 0, 0, 0]) & set(splits.x_train[:, 0, 0, 0])
+    again = data_lib.split(data, DataConfig(validation_size=0.25), seed=3)
+    np.testing.assert_array_equal(again.x_val, splits.x_val)
+    other = data_lib.split(data, DataConfig(validation_size=0.25), seed=4)
+    assert not np.array_equal(other.x_val, splits.x_val)
+
+
+def test_validation_by_count_and_by_test_set():
+    data = _data()
+    splits = data_lib.split(data, DataConfig(validation_size=37), seed=0)
+    assert len(splits.y_val) == 37 and len(splits.y_train) == 163
+    assert np.bincount(splits.y_val, minlength=10).max() - np.bincount(splits.y_val).min() <= 1
+    on_test = data_lib.split(data, DataConfig(validation="test"), seed=0)
+    assert on_test.x_val is data.x_test and len(on_test.y_train) == 200
+
+
+def test_subsets_and_sizes_too_large():
+    data = _data()
+    splits = data_lib.split(data, DataConfig(train_subset=100, validation_size=20), seed=0)
+    assert len(splits.y_train) + len(splits.y_val) == 100
+    with pytest.raises(data_lib.DataError, match="data.validation_size: 200 gives 200"):
+        data_lib.split(data, DataConfig(validation_size=200), seed=0)
+    with pytest.raises(data_lib.DataError, match="data.train_subset: 500 is more than the 200"):
+        data_lib.split(data, DataConfig(train_subset=500), seed=0)
+
+
+# --- Input pipeline ---------------------------------------------------------------------
+
+
+def test_pipeline_normalises_batches_and_encodes_targets():
+    import tensorflow as tf
+
+    images = np.full((10, 32, 32, 3), 255, np.uint8)
+    labels = np.arange(10) % 3
+    dataset = data_lib.make_dataset(
+        images, labels, batch_size=4, encode_targets=lambda y: tf.one_hot(y, 3), shuffle=True
+    )
+    batches = list(dataset.as_numpy_iterator())
+    assert [len(x) for x, _ in batches] == [4, 4, 2]
+    x, y = batches[0]
+    assert x.dtype == np.float32 and np.allclose(x, 1.0)
+    assert y.shape == (4, 3) and np.allclose(y.sum(axis=1), 1)
+    seen = np.concatenate([y.argmax(axis=1) for _, y in batches])
+    assert sorted(seen) == sorted(labels)
+
+
+def test_restricted_unpickler_allows_only_numpy_arrays():
+    allowed = io.BytesIO(synthetic.pickle_python2({b"x": np.arange(3, dtype=np.uint8)}))
+    assert data_lib._RestrictedUnpickler(allowed, encoding="bytes").load()[b"x"].tolist() == [
+        0,
+        1,
+        2,
+    ]
+    refused = pickle.dumps({"f": np.load}, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refused global"):
+        data_lib._RestrictedUnpickler(io.BytesIO(refused)).load()

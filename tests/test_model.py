@@ -1,0 +1,68 @@
+"""The notebook's CNN: its exact shape at width 1, and the options."""
+
+import numpy as np
+import pytest
+
+from study.config import validate
+from study.model import build_model
+
+
+def _config(**sections):
+    return validate(sections)
+
+
+def test_width_one_is_the_notebook_network():
+    model = build_model(_config())
+    assert model.count_params() == 6_777_060
+    convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv2D"]
+    assert [c.filters for c in convs] == [128, 128, 256, 256, 512, 512]
+    assert [c.padding for c in convs] == ["same", "valid"] * 3
+    dropouts = [layer.rate for layer in model.layers if layer.__class__.__name__ == "Dropout"]
+    assert dropouts == [0.25, 0.25, 0.5]
+    assert model.get_layer("dense").units == 1024
+    assert model.output_shape == (None, 100)
+
+
+def test_head_follows_the_loss():
+    softmax = build_model(_config(loss={"name": "categorical_crossentropy"}))
+    linear = build_model(_config(loss={"name": "hinge"}))
+    forced = build_model(_config(loss={"name": "hinge", "head": "softmax"}))
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(softmax(x)).sum(axis=1), 1, rtol=1e-5)
+    assert linear.layers[-1].name == "linear"
+    assert forced.layers[-1].name == "softmax"
+
+
+def test_width_dataset_and_options():
+    config = _config(
+        data={"dataset": "cifar10"},
+        model={
+            "width": 0.25,
+            "batch_norm": True,
+            "augment": True,
+            "conv_dropout": 0,
+            "activation": "relu",
+        },
+    )
+    model = build_model(config)
+    names = [layer.name for layer in model.layers]
+    assert model.output_shape == (None, 10)
+    assert model.get_layer("block1_conv1").filters == 32
+    assert model.get_layer("dense").units == 256
+    assert sum("_bn" in n for n in names) == 6
+    assert "random_flip" in names and "random_shift" in names
+    assert not any("block" in n and "dropout" in n for n in names)
+    assert not model.get_layer("block1_conv1").use_bias
+
+
+def test_augmentation_and_dropout_only_in_training():
+    model = build_model(_config(model={"width": 0.125, "augment": True}))
+    x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(model(x, training=False), model(x, training=False))
+    assert not np.allclose(model(x, training=True), model(x, training=False))
+
+
+@pytest.mark.parametrize("width", [0.01, 0.5, 2.0])
+def test_width_scales_every_layer(width):
+    model = build_model(_config(model={"width": width}))
+    assert model.get_layer("block3_conv2").filters == max(1, round(512 * width))

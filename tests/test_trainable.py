@@ -1,0 +1,218 @@
+"""One trial end to end: local mode files, resume, divergence, and learning on real images."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from study import data as data_lib
+from study.config import load_config
+from study.local import run_local
+from study.trainable import compile_model, restore_checkpoint, save_checkpoint, train_and_evaluate
+
+from .conftest import REPO, shared_sample
+
+TINY = [
+    "data.dataset=cifar10",
+    "model.width=0.125",
+    "data.validation_size=50",
+    "training.batch_size=32",
+]
+
+
+class RecordingSink:
+    def __init__(self):
+        self.reports = []
+
+    def report(self, metrics, checkpoint):
+        self.reports.append((metrics, checkpoint))
+
+
+@pytest.fixture(scope="module")
+def cifar10(cifar10_tarball):
+    return data_lib.load_cifar("cifar10", cifar10_tarball)
+
+
+def test_local_run_writes_its_folder_and_learns(tmp_path, cifar10):
+    config = load_config(None, [*TINY, "training.epochs=3"])
+    lines = []
+    run_local(config, cifar10, tmp_path / "run", echo=lines.append)
+    run_dir = tmp_path / "run"
+    assert load_config(run_dir / "config.yaml") == config
+    with open(run_dir / "epochs.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    for key in (
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+        "images_per_second",
+        "epoch_seconds",
+    ):
+        assert all(np.isfinite(float(row[key])) for row in rows), key
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "completed" and result["epochs_run"] == 3
+    assert result["best_val_accuracy"] == max(float(row["val_accuracy"]) for row in rows)
+    assert result["test"]["test_accuracy"] > 0.5  # 10 learnable classes; chance is 0.1
+    assert len(lines) == 3 and lines[0].startswith("epoch   1/3")
+    import keras
+
+    model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
+    assert model.output_shape == (None, 10)
+
+
+def test_checkpoint_restores_weights_and_optimizer_state(tmp_path, cifar10):
+    config = load_config(None, [*TINY, "training.epochs=4", "optimizer.name=sgd"])
+    model = compile_model(config, steps_per_epoch=7, jit_compile=False)
+    x = cifar10.x_train[:64].astype("float32") / 255
+    y = np.eye(10)[cifar10.y_train[:64]]
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    save_checkpoint(model, 1, tmp_path / "checkpoint")
+    restored = compile_model(config, steps_per_epoch=7, jit_compile=False)
+    assert restore_checkpoint(restored, tmp_path / "checkpoint") == 1
+    assert int(restored.optimizer.iterations) == int(model.optimizer.iterations) == 2
+    for a, b in zip(model.weights, restored.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    momenta = [np.asarray(v) for v in restored.optimizer.variables if "momentum" in v.path]
+    assert momenta and any(np.abs(m).sum() > 0 for m in momenta)
+
+
+def test_resume_continues_at_the_right_epoch(cifar10):
+    config = load_config(None, [*TINY, "training.epochs=4", "training.checkpoint_every=2"])
+    first = RecordingSink()
+    train_and_evaluate(config, cifar10, first)
+    epochs = [metrics["epoch"] for metrics, _ in first.reports]
+    assert epochs == [1, 2, 3, 4]
+    assert [checkpoint is not None for _, checkpoint in first.reports] == [False, True, False, True]
+    checkpoint = first.reports[1][1]
+    resumed = RecordingSink()
+    outcome = train_and_evaluate(config, cifar10, resumed, checkpoint)
+    assert [metrics["epoch"] for metrics, _ in resumed.reports] == [3, 4]
+    # The schedule resumes with the optimizer's step count: same learning rate as before.
+    assert resumed.reports[0][0]["learning_rate"] == pytest.approx(
+        first.reports[2][0]["learning_rate"], rel=1e-6
+    )
+    assert outcome.status == "completed" and "test_accuracy" in resumed.reports[-1][0]
+
+
+def test_divergence_ends_the_trial_with_a_status(cifar10):
+    config = load_config(
+        None,
+        [
+            *TINY,
+            "training.epochs=5",
+            "optimizer.name=sgd",
+            "optimizer.learning_rate=10",
+            "optimizer.schedule=constant",
+            "loss.name=mean_squared_error",
+        ],
+    )
+    sink = RecordingSink()
+    outcome = train_and_evaluate(config, cifar10, sink)
+    assert outcome.status == "diverged"
+    assert outcome.message.startswith("non-finite loss in epoch 1")
+    assert sink.reports == [] and outcome.test == {}
+
+
+def _study_run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "study.run", "--local", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_command_line_smoke_run(tmp_path, cifar100_tarball):
+    result = _study_run(
+        "--config",
+        "configs/smoke.yaml",
+        "--data-dir",
+        str(cifar100_tarball),
+        "--set",
+        "data.train_subset=400",
+        "--set",
+        "data.test_subset=150",
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "smoke",
+    )
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "smoke"
+    assert f"run folder: {run_dir}" in result.stdout
+    assert "epoch   2/2" in result.stdout
+    assert {p.name for p in run_dir.iterdir()} == {
+        "config.yaml",
+        "epochs.csv",
+        "result.json",
+        "model.keras",
+    }
+
+
+def test_command_line_divergence_exits_3(tmp_path, cifar10_tarball):
+    result = _study_run(
+        "--data-dir",
+        str(cifar10_tarball),
+        *(arg for o in TINY for arg in ("--set", o)),
+        "--set",
+        "optimizer.name=sgd",
+        "--set",
+        "optimizer.learning_rate=10",
+        "--set",
+        "optimizer.schedule=constant",
+        "--set",
+        "loss.name=mean_squared_error",
+        "--set",
+        "training.epochs=2",
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "boom",
+    )
+    assert result.returncode == 3
+    assert "diverged: non-finite loss in epoch 1" in result.stderr
+    assert json.loads((tmp_path / "boom" / "result.json").read_text())["status"] == "diverged"
+
+
+def test_bad_sizes_fail_before_the_run_folder_exists(tmp_path, cifar100_tarball):
+    result = _study_run(
+        "--config",
+        "configs/smoke.yaml",
+        "--data-dir",
+        str(cifar100_tarball),
+        "--set",
+        "data.train_subset=5000",
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "big",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: data.train_subset: 5000 is more than the 500")
+    assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.slow
+def test_learns_real_cifar10_images(tmp_path):
+    """Trained as a new user would, on real photographs: far above the 10% of chance."""
+    path = shared_sample("cifar-10-sample.tar.gz")
+    config = load_config(
+        None,
+        [
+            "data.dataset=cifar10",
+            f"data.data_dir={path}",
+            "model.width=0.125",
+            "training.epochs=15",
+            "training.batch_size=64",
+        ],
+    )
+    data = data_lib.load_cifar("cifar10", path)
+    summary = run_local(config, data, tmp_path / "real", echo=print)
+    assert summary["status"] == "completed" and summary["epochs_run"] == 15
+    assert summary["test"]["test_accuracy"] > 0.35
