@@ -16,6 +16,11 @@ from study.data import DATASETS
 from study.losses import LOSSES
 from study.optimizers import OPTIMIZERS, SCHEDULES
 
+# The one metric that the searcher, the scheduler and the analysis rank trials by. Never a
+# loss: values of different losses are not comparable.
+METRIC = "val_accuracy"
+MODE = "max"
+
 ACTIVATIONS = ("elu", "relu", "gelu", "silu", "selu", "leaky_relu", "tanh")
 
 
@@ -171,25 +176,34 @@ class TrialConfig(_Section):
         return self.model_dump(mode="json")
 
 
-def _format_error(error: ValidationError) -> str:
-    """One line naming the first bad field and what is allowed."""
+def _allowed_keys(root: type[BaseModel], section: str) -> str | None:
+    owner = root
+    for part in filter(None, section.split(".")):
+        field = getattr(owner, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        owner = field.annotation
+    fields = getattr(owner, "model_fields", None)
+    return ", ".join(fields) if fields else None
+
+
+def format_error(error: ValidationError, root: type[BaseModel] = None, prefix: str = "") -> str:
+    """One line naming the first bad field (as `prefix` + its dotted path) and what is allowed."""
     first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
+    location = prefix + ".".join(str(part) for part in first["loc"])
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
-        section, _, key = location.rpartition(".")
-        owner = TrialConfig
-        for part in filter(None, section.split(".")):
-            owner = owner.model_fields[part].annotation
-        allowed = ", ".join(owner.model_fields)
+        section = location.rpartition(".")[0]
+        allowed = _allowed_keys(root or TrialConfig, section.removeprefix(prefix.rstrip(".")))
         where = f"in '{section}'" if section else "at the top level"
-        return f"unknown key '{location}'; allowed keys {where}: {allowed}{more}"
+        listing = f"; allowed keys {where}: {allowed}" if allowed else ""
+        return f"unknown key '{location}'{listing}{more}"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "model_type":
         return f"{location or 'config'}: must be a mapping of keys to values{more}"
-    prefix = f"{location}: " if location else ""
+    head = f"{location}: " if location else ""
     got = "" if first["type"].startswith("value_error") else f" (got {first['input']!r})"
-    return f"{prefix}{message}{got}{more}"
+    return f"{head}{message}{got}{more}"
 
 
 def validate(raw: dict[str, Any]) -> TrialConfig:
@@ -197,10 +211,10 @@ def validate(raw: dict[str, Any]) -> TrialConfig:
     try:
         return TrialConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_error(error)) from None
+        raise ConfigError(format_error(error)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as error:
@@ -218,8 +232,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Applies one `section.key=value` override in place; the value is parsed as YAML."""
+def parse_assignment(assignment: str) -> tuple[str, Any]:
+    """Splits `section.key=value`; the value is parsed as YAML (0.01, true, null, [a, b])."""
     dotted, sep, text = assignment.partition("=")
     if not sep or not dotted.strip():
         raise ConfigError(f"--set {assignment!r}: expected section.key=value")
@@ -227,7 +241,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
-    set_value(raw, dotted.strip(), value)
+    return dotted.strip(), value
 
 
 def set_value(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -242,16 +256,18 @@ def set_value(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[key] = value
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] = (), values: dict[str, Any] = None
-) -> TrialConfig:
-    """Reads a YAML config (or the defaults), applies `--set` overrides and values, validates."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+def load_config_dict(raw: dict[str, Any], overrides=(), values=None) -> TrialConfig:
+    """Applies `--set` overrides and plain values to a parsed config, then validates."""
     for assignment in overrides:
-        apply_override(raw, assignment)
+        set_value(raw, *parse_assignment(assignment))
     for dotted, value in (values or {}).items():
         set_value(raw, dotted, value)
     return validate(raw)
+
+
+def load_config(path: str | Path | None = None, overrides=(), values=None) -> TrialConfig:
+    """Reads a trial-only YAML config (or the defaults), applies overrides, validates."""
+    return load_config_dict(read_yaml(Path(path)) if path is not None else {}, overrides, values)
 
 
 def dump_yaml(config: TrialConfig) -> str:

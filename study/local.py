@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from study import results
-from study.config import TrialConfig, dump_yaml
+from study.config import METRIC, TrialConfig, dump_yaml
 from study.data import CifarData
-from study.trainable import METRIC, MODEL_FILE, Outcome, train_and_evaluate
+from study.trainable import MODEL_FILE, Outcome, train_and_evaluate
 
 
 class LocalSink:

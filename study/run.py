@@ -1,8 +1,8 @@
-"""Command line: `python -m study.run --local ...` runs one trial in this process.
+"""Command line: `python -m study.run` runs a study; `--local` runs one trial in-process.
 
-Arguments are parsed and checked here, before TensorFlow is imported; the work is done by
+Arguments are parsed and checked here, before Ray or TensorFlow start; the work is done by
 library functions that tests call directly. Exit codes: 0 done, 2 bad input (one line on
-stderr), 3 the trial diverged.
+stderr), 3 the local trial diverged, 130 the study was interrupted (resume it).
 """
 
 import argparse
@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from study.config import ConfigError, load_config
+from study.config import ConfigError
 from study.data import DataError
+from study.search_config import load_study
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -37,6 +38,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--storage-path", type=Path, default=Path("results"), help="where run folders go"
     )
     parser.add_argument("--name", help="the run folder's name (default: config name and time)")
+    study = parser.add_argument_group("study (without --local)")
+    study.add_argument("--gpus", type=float, default=0, help="GPUs the study may use")
+    study.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on a GPU")
+    study.add_argument("--cpus-per-trial", type=float, help="CPUs reserved per trial")
+    study.add_argument("--address", help="join a Ray cluster: auto, or ray://HOST:10001")
+    study.add_argument("--resume", action="store_true", help="continue the study --name")
+    study.add_argument("--searcher", choices=["optuna", "random"], help="override the config")
+    study.add_argument("--scheduler", choices=["asha", "fifo"], help="override the config")
+    study.add_argument("--num-samples", type=int, help="override search.num_samples")
+    study.add_argument(
+        "--dashboard-host", default="127.0.0.1", help="0.0.0.0 exposes the dashboard (warned)"
+    )
+    study.add_argument("--no-dashboard", action="store_true", help="start Ray without it")
     return parser.parse_args(argv)
 
 
@@ -51,11 +65,42 @@ def _run_dir(args) -> Path:
     return run_dir
 
 
+def _values(args) -> dict:
+    return {} if args.data_dir is None else {"data.data_dir": args.data_dir}
+
+
+def run_study_command(args) -> int:
+    from study.tuning import StudyOptions, run_study
+
+    overrides = list(args.overrides)
+    for flag, key in (("searcher", "searcher"), ("scheduler", "scheduler"),
+                      ("num_samples", "num_samples")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            overrides.append(f"search.{key}={getattr(args, flag)}")
+    if args.resume and (args.config or overrides or args.data_dir):
+        raise ConfigError("--resume: continues with the study's saved config; drop --config/--set")
+    study = load_study(args.config, overrides, _values(args))
+    stem = args.config.stem if args.config else "default"
+    if args.resume and not args.name:
+        raise ConfigError("--resume: name the study to continue with --name")
+    options = StudyOptions(
+        name=args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=str(args.storage_path),
+        address=args.address,
+        gpus=args.gpus,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        resume=args.resume,
+        dashboard_host=args.dashboard_host,
+        dashboard=not args.no_dashboard,
+    )
+    return run_study(study, options)
+
+
 def run_local_command(args) -> int:
     from study import data as data_lib
 
-    values = {} if args.data_dir is None else {"data.data_dir": args.data_dir}
-    config = load_config(args.config, args.overrides, values)
+    config = load_study(args.config, args.overrides, _values(args)).trial
     data_lib.resolve_path(config.data.dataset, config.data.data_dir)
     run_dir = _run_dir(args)
 
@@ -81,7 +126,7 @@ def main(argv=None) -> int:
     try:
         if args.local:
             return run_local_command(args)
-        raise ConfigError("the distributed study is not available yet; use --local")
+        return run_study_command(args)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -17,22 +17,13 @@ import keras
 import tensorflow as tf
 
 from study import data as data_lib
-from study.config import TrialConfig, validate
+from study.config import METRIC, MODE, TrialConfig  # noqa: F401 (re-exported)
 from study.losses import build_loss, target_encoder
 from study.model import build_model
 from study.optimizers import build_optimizer
 
-# The one metric that the searcher, the scheduler and the analysis rank trials by. Never a
-# loss: values of different losses are not comparable.
-METRIC = "val_accuracy"
-MODE = "max"
-
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
-
-
-class Diverged(RuntimeError):
-    """Training produced a non-finite loss."""
 
 
 @dataclass
@@ -157,6 +148,7 @@ def train_and_evaluate(
     config: TrialConfig, data: data_lib.CifarData, sink, checkpoint: Path | None = None
 ) -> Outcome:
     """Trains one configuration, reporting each epoch to `sink`; resumes from `checkpoint`."""
+    keras.backend.clear_session()  # A reused Ray worker starts each trial afresh.
     keras.utils.set_random_seed(config.seed)
     devices = configure_devices(config)
     splits = data_lib.split(data, config.data, seed=config.data.split_seed)
@@ -190,27 +182,49 @@ def train_and_evaluate(
 class TuneSink:
     """Reports to Ray Tune; Ray copies each checkpoint into the trial's storage."""
 
+    def __init__(self, placement: dict | None = None):
+        self.placement = placement or {}  # Where the trial runs, for trials.csv.
+
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
         from ray import tune
 
         tune_checkpoint = tune.Checkpoint.from_directory(checkpoint) if checkpoint else None
         try:
-            tune.report(metrics, checkpoint=tune_checkpoint)
+            tune.report({**metrics, **self.placement}, checkpoint=tune_checkpoint)
         finally:
             if checkpoint:
                 shutil.rmtree(checkpoint.parent, ignore_errors=True)
 
 
-def tune_trainable(config: dict, data: data_lib.CifarData) -> None:
-    """The function Ray Tune runs: validate the trial's config, resume, train."""
+def _placement() -> dict:
+    import ray
+
+    context = ray.get_runtime_context()
+    return {
+        "node_id": context.get_node_id(),
+        "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids()),
+    }
+
+
+def tune_trainable(params: dict, data: data_lib.CifarData) -> None:
+    """The function Ray Tune runs: build the trial's config, resume if asked, train.
+
+    `params` is the base config with the sampled dotted keys (see study/search.py).
+    A diverged trial reports once more with `diverged` set, so the study records it and
+    the searcher marks it failed, and ends without an error (a retry would diverge again).
+    """
     from ray import tune
 
-    trial_config = validate(config)
+    from study.search import trial_config
+
+    config = trial_config(params)
+    sink = TuneSink(_placement())
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        outcome = train_and_evaluate(trial_config, data, TuneSink())
+        outcome = train_and_evaluate(config, data, sink)
     else:
         with checkpoint.as_directory() as directory:
-            outcome = train_and_evaluate(trial_config, data, TuneSink(), Path(directory))
+            outcome = train_and_evaluate(config, data, sink, Path(directory))
     if outcome.status == "diverged":
-        raise Diverged(outcome.message)
+        epoch = (outcome.history[-1]["epoch"] if outcome.history else 0) + 1
+        sink.report({"epoch": epoch, METRIC: 0.0, "diverged": outcome.message}, None)

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from study.config import ConfigError, TrialConfig, load_config, validate
+from study.search_config import load_study
 
 from .conftest import REPO
 
@@ -14,12 +15,14 @@ CONFIGS = REPO / "configs"
 
 
 def test_default_yaml_is_the_code_defaults():
-    assert load_config(CONFIGS / "default.yaml") == TrialConfig()
-    assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == TrialConfig().to_dict()
+    assert load_study(CONFIGS / "default.yaml").trial == TrialConfig()
+    raw = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    raw.pop("search")
+    assert raw == TrialConfig().to_dict()
 
 
 def test_seed_config_is_the_notebook():
-    config = load_config(CONFIGS / "seed.yaml")
+    config = load_study(CONFIGS / "seed.yaml").trial
     assert config.model.width == 1.0 and not config.model.batch_norm and not config.model.augment
     assert (config.optimizer.name, config.optimizer.learning_rate) == ("rmsprop", 1e-4)
     assert (config.optimizer.schedule, config.optimizer.decay) == ("inverse_time", 1e-6)
@@ -29,7 +32,7 @@ def test_seed_config_is_the_notebook():
 
 
 def test_smoke_config_is_small():
-    config = load_config(CONFIGS / "smoke.yaml")
+    config = load_study(CONFIGS / "smoke.yaml").trial
     assert config.model.width < 0.5 and config.training.epochs <= 2
     assert config.data.train_subset <= 1000
 

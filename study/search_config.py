@@ -1,0 +1,222 @@
+"""The study config: a base trial config plus the `search` section that varies it.
+
+A config file holds the trial sections (`data`, `model`, ...) and an optional `search`
+section: the search space over dotted trial keys, how many trials, the searcher, the
+scheduler and the resources per trial. Everything is checked here, before Ray starts:
+each searched value must make a valid trial config. study/search.py turns it into what
+Ray Tune and Optuna take.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from study.config import (
+    METRIC,
+    ConfigError,
+    TrialConfig,
+    format_error,
+    load_config_dict,
+    parse_assignment,
+    read_yaml,
+    set_value,
+    validate,
+)
+
+# What the searcher, scheduler and analysis may rank by: accuracies only. The values of
+# different losses are not comparable, so a loss can never be the study's metric.
+RANKABLE_METRICS = (METRIC,)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Distribution(_Strict):
+    """One searched key: exactly one of `choice`, `uniform`, `loguniform`, `integer`.
+
+    `by` and `ranges` make a numeric range depend on an earlier choice (learning rates
+    per optimizer); `when` samples the key only when earlier keys take the listed values
+    (label smoothing only for the losses that define it), else the base value stands.
+    """
+
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    integer: tuple[int, int] | None = None  # inclusive bounds
+    by: str | None = None
+    ranges: dict[str, tuple[float, float]] | None = None
+    when: dict[str, list[Any]] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in ("choice", "uniform", "loguniform", "integer") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, integer")
+        if self.choice is not None and (self.by or self.ranges):
+            raise ValueError("by/ranges apply to numeric ranges, not to a choice")
+        if bool(self.by) != bool(self.ranges):
+            raise ValueError("by and ranges go together")
+        for low, high in (
+            [self.bounds, *(self.ranges or {}).values()] if self.kind != "choice" else []
+        ):
+            if not low < high:
+                raise ValueError(f"range [{low}, {high}] must have low < high")
+            if self.kind == "loguniform" and low <= 0:
+                raise ValueError(f"loguniform range [{low}, {high}] must be positive")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform", "integer") if getattr(self, k))
+
+    @property
+    def bounds(self) -> tuple:
+        return getattr(self, self.kind)
+
+    def range_for(self, values: dict[str, Any]) -> tuple:
+        """The numeric range given the values sampled so far."""
+        if self.by is None:
+            return self.bounds
+        return (self.ranges or {}).get(str(values.get(self.by)), self.bounds)
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return all(values.get(key) in allowed for key, allowed in (self.when or {}).items())
+
+    def contains(self, value: Any, values: dict[str, Any]) -> bool:
+        if self.kind == "choice":
+            return value in self.choice
+        low, high = self.range_for(values)
+        return isinstance(value, int | float) and low <= value <= high
+
+
+class SearchConfig(_Strict):
+    num_samples: int = Field(default=32, ge=1)
+    searcher: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    seed: int = Field(default=0, ge=0)
+    metric: str = "val_accuracy"
+    # ASHA on epochs; its maximum is training.epochs.
+    grace_period: int = Field(default=2, ge=1)
+    reduction_factor: float = Field(default=3.0, gt=1)
+    # Retries of a failed trial, each from its latest checkpoint.
+    max_failures: int = Field(default=3, ge=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    # null: 1 when the study has GPUs (--gpus N), else 0. Fractions pack trials on a GPU.
+    gpus_per_trial: float | None = Field(default=None, ge=0)
+    space: dict[str, Distribution] = Field(default_factory=dict)
+    # The notebook's configuration, evaluated first so every study has the baseline.
+    baseline: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metric")
+    @classmethod
+    def _rankable_metric(cls, value):
+        if value not in RANKABLE_METRICS:
+            raise ValueError(
+                f"unknown metric {value!r}; allowed: {', '.join(RANKABLE_METRICS)} "
+                "(never a loss: values of different losses are not comparable)"
+            )
+        return value
+
+
+class StudyConfig(_Strict):
+    trial: TrialConfig
+    search: SearchConfig
+
+
+def _check_space(trial: TrialConfig, search: SearchConfig) -> None:
+    """Every searched value must make a valid trial config beside every other choice.
+
+    Values are checked pairwise against each choice of the other keys (as far as `when`
+    allows), which catches cross-field rules such as label smoothing with a hinge loss.
+    """
+    if not search.space:
+        raise ConfigError("search.space: empty; list at least one key to search")
+    base = trial.to_dict()
+    seen: dict[str, Distribution] = {}
+    for key, entry in search.space.items():
+        where = f"search.space.{key}"
+        for value in entry.choice if entry.kind == "choice" else entry.bounds:
+            _validate_with(base, {key: value}, where)
+        for ref in [entry.by, *(entry.when or {})]:
+            if ref is not None and (ref not in seen or seen[ref].kind != "choice"):
+                raise ConfigError(f"{where}: '{ref}' must be a choice listed earlier in the space")
+        for ref, allowed in (entry.when or {}).items():
+            if unknown := [v for v in allowed if v not in seen[ref].choice]:
+                raise ConfigError(f"{where}: when {ref} in {unknown}, which it never takes")
+        if entry.by and (unknown := set(entry.ranges) - {str(v) for v in seen[entry.by].choice}):
+            raise ConfigError(f"{where}: ranges for {sorted(unknown)}, not choices of {entry.by}")
+        seen[key] = entry
+    for key, entry in search.space.items():
+        for context in _contexts(key, entry, search.space):
+            values = entry.choice if entry.kind == "choice" else entry.range_for(context)
+            for value in values:
+                _validate_with(base, {**context, key: value}, f"search.space.{key}")
+
+
+def _contexts(key: str, entry: Distribution, space: dict[str, Distribution]):
+    """One value of one other choice key at a time, as `when` and `by` allow."""
+    yield {}
+    for other, other_entry in space.items():
+        if other == key or other_entry.kind != "choice":
+            continue
+        for value in (entry.when or {}).get(other, other_entry.choice):
+            yield {other: value}
+
+
+def _validate_with(base: dict, values: dict[str, Any], where: str) -> TrialConfig:
+    raw = {section: dict(v) if isinstance(v, dict) else v for section, v in base.items()}
+    for key, value in values.items():
+        set_value(raw, key, value)
+    try:
+        return validate(raw)
+    except ConfigError as error:
+        context = ", ".join(f"{k}={v}" for k, v in values.items())
+        raise ConfigError(f"{where}: with {context}: {error}") from None
+
+
+def _check_baseline(trial: TrialConfig, search: SearchConfig) -> None:
+    for key, value in search.baseline.items():
+        entry = search.space.get(key)
+        if entry is None:
+            raise ConfigError(f"search.baseline.{key}: not a key of search.space")
+        if not entry.contains(value, search.baseline):
+            raise ConfigError(f"search.baseline.{key}: {value!r} lies outside its search space")
+    _validate_with(trial.to_dict(), search.baseline, "search.baseline")
+
+
+def load_study(path: str | Path | None = None, overrides=(), values=None) -> StudyConfig:
+    """Reads a config file, applies `--set` overrides (trial or `search.` keys), validates."""
+    raw = read_yaml(Path(path)) if path is not None else {}
+    search_raw = raw.pop("search", None) or {}
+    if not isinstance(search_raw, dict):
+        raise ConfigError("search: must be a mapping of keys to values")
+    trial_overrides = []
+    for assignment in overrides:
+        dotted, value = parse_assignment(assignment)
+        section, _, key = dotted.removeprefix("search.").partition(".")
+        if dotted.startswith("search.") and section in ("space", "baseline") and key:
+            # Space and baseline keys are dotted trial keys: the rest is one key.
+            search_raw.setdefault(section, {})[key] = value
+        elif dotted.startswith("search."):
+            set_value(search_raw, dotted.removeprefix("search."), value)
+        else:
+            trial_overrides.append(assignment)
+    trial = load_config_dict(raw, trial_overrides, values)
+    try:
+        search = SearchConfig.model_validate(search_raw)
+    except ValidationError as error:
+        raise ConfigError(format_error(error, SearchConfig, prefix="search.")) from None
+    if search.space:
+        _check_space(trial, search)
+        _check_baseline(trial, search)
+    return StudyConfig(trial=trial, search=search)
