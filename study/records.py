@@ -53,6 +53,11 @@ class StudyRecorder(tune.Callback):
         self.epochs: list[dict] = []
         self._load()
 
+    def setup(self, **info):
+        # A resumed study restores this callback as pickled when the study began; the
+        # tables on disk are what it has reported since.
+        self._load()
+
     def _load(self) -> None:
         """Continues the tables of an interrupted study."""
         self.trials = {row["trial_id"]: row for row in _read(self.results_dir / TRIALS_FILE)}

@@ -105,6 +105,10 @@ def resources(study: StudyConfig, options: StudyOptions) -> tuple[dict, int | No
 
 def connect(options: StudyOptions):
     """Starts a local Ray (dashboard on 127.0.0.1, token auth on) or joins a cluster."""
+    if options.address and "RAY_AUTH_MODE" not in os.environ and _token_available():
+        # Ray turns token auth on by itself only for address="auto"; for host:port and
+        # ray:// it must be told before it is imported (it caches its config).
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     if options.address:
@@ -125,6 +129,11 @@ def connect(options: StudyOptions):
             file=sys.stderr,
         )
     return context
+
+
+def _token_available() -> bool:
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return "RAY_AUTH_TOKEN" in os.environ or token_file.is_file()
 
 
 def check_cluster(options: StudyOptions, per_trial: dict) -> None:
@@ -231,8 +240,6 @@ def resume_command(options: StudyOptions) -> str:
 
 def run_study(study: StudyConfig, options: StudyOptions) -> int:
     """Runs (or resumes) a study to the end; returns the process exit code."""
-    import ray
-
     check_options(options)
     study = prepare(study, options)
     config = study.trial.data
@@ -241,6 +248,8 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
     data_lib.split(data, config, seed=config.split_seed)  # Sizes checked before Ray starts.
     per_trial, _ = resources(study, options)
     connect(options)
+    import ray
+
     try:
         check_cluster(options, per_trial)
         if not options.resume:

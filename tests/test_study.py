@@ -1,0 +1,358 @@
+"""The study end to end, on CPU: real Ray, real processes, generated data, a narrow model.
+
+Slow (each starts Ray): about a minute per study on 2 cores.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.study
+RAY = str(Path(sys.executable).parent / "ray")
+
+# 4 epochs of a tiny model on 200 images; ASHA may stop trials after epoch 1 or 2.
+TINY_STUDY = {
+    "data": {"dataset": "cifar10", "train_subset": 200, "test_subset": 50,
+             "validation_size": 50},
+    "model": {"width": 0.0625},
+    "training": {"epochs": 4, "batch_size": 50, "eval_batch_size": 100},
+    "search": {
+        "num_samples": 6,
+        "grace_period": 1,
+        "reduction_factor": 2,
+        "space": {
+            "loss.name": {"choice": ["categorical_crossentropy", "hinge",
+                                     "mean_squared_logarithmic_error"]},
+            "optimizer.name": {"choice": ["adam", "sgd"]},
+            "optimizer.learning_rate": {
+                "loguniform": [1e-4, 3e-3], "by": "optimizer.name",
+                "ranges": {"sgd": [1e-3, 0.1]},
+            },
+        },
+        "baseline": {"loss.name": "categorical_crossentropy", "optimizer.name": "adam",
+                     "optimizer.learning_rate": 1e-3},
+    },
+}  # fmt: skip
+
+
+@pytest.fixture
+def study_config(tmp_path):
+    def write(**search):
+        config = {**TINY_STUDY, "search": {**TINY_STUDY["search"], **search}}
+        path = tmp_path / "study.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    return write
+
+
+def study_command(config, data, storage, name, *args):
+    return [sys.executable, "-m", "study.run", "--config", str(config), "--data-dir", str(data),
+            "--storage-path", str(storage), "--name", name, *args]  # fmt: skip
+
+
+def run_study(*command, timeout=600):
+    return subprocess.run(
+        study_command(*command[:4], *command[4:]),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _max_overlap(trials: pd.DataFrame) -> int:
+    events = sorted([(t, 1) for t in trials.started_at] + [(t, -1) for t in trials.ended_at])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_study_searches_stops_early_and_writes_its_tables(tmp_path, study_config, cifar10_tarball):
+    result = run_study(study_config(), cifar10_tarball, tmp_path, "tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Ray dashboard: http://127.0.0.1:" in result.stdout
+    assert "ray get-auth-token" in result.stdout
+    folder = tmp_path / "tiny"
+    trials = pd.read_csv(folder / "trials.csv")
+    epochs = pd.read_csv(folder / "epochs.csv")
+    assert len(trials) == 6 and trials.trial_id.is_unique
+    assert set(trials.status) <= {"completed", "early_stopped"}
+    # ASHA stopped some trials: fewer epochs than running all six to the end.
+    assert "early_stopped" in set(trials.status)
+    assert trials.epochs_run.sum() < 6 * 4
+    assert len(epochs) == trials.epochs_run.sum() and epochs.rerun.sum() == 0
+    for trial in trials.itertuples():
+        rows = epochs[epochs.trial_id == trial.trial_id]
+        assert rows.epoch.tolist() == list(range(1, trial.epochs_run + 1))
+        assert trial.best_val_accuracy == pytest.approx(rows.val_accuracy.max())
+    finished = trials.status == "completed"
+    assert trials.loc[finished, "test_accuracy"].notna().all()
+    assert trials.loc[~finished, "test_accuracy"].isna().all()
+    # The notebook's baseline ran first; then Optuna proposed other configurations.
+    first = trials.sort_values("started_at").iloc[0]
+    assert (first["loss.name"], first["optimizer.name"]) == ("categorical_crossentropy", "adam")
+    assert first["optimizer.learning_rate"] == pytest.approx(1e-3)
+    assert (
+        trials[["loss.name", "optimizer.name", "optimizer.learning_rate"]]
+        .drop_duplicates()
+        .shape[0]
+        == 6
+    )
+    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder}/optuna.db")
+    assert len(stored.trials) == 6
+    assert yaml.safe_load((folder / "config.yaml").read_text())["search"]["num_samples"] == 6
+    # The final table: the best trial of each loss.
+    for loss in set(trials["loss.name"]):
+        assert loss in result.stdout
+
+
+@pytest.fixture
+def ray_cluster():
+    """Starts Ray nodes with `ray start` and stops them all afterwards."""
+    started = []
+
+    def start(*args):
+        # Nodes joining a cluster send its token only when told to (as on a real cluster).
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        done = subprocess.run(
+            [RAY, "start", *args, "--disable-usage-stats"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        started.append(args)
+
+    yield start
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_logical_gpus_set_concurrency_and_devices(
+    tmp_path, study_config, cifar10_tarball, ray_cluster
+):
+    port = _free_port()
+    ray_cluster(
+        "--head", f"--port={port}", "--num-cpus=8", "--num-gpus=4", "--include-dashboard=false"
+    )
+    address = f"127.0.0.1:{port}"
+    config = study_config(num_samples=4, scheduler="fifo")
+    result = run_study(
+        config,
+        cifar10_tarball,
+        tmp_path,
+        "whole",
+        "--address",
+        address,
+        "--gpus",
+        "4",
+        "--gpus-per-trial",
+        "1",
+        "--set",
+        "training.epochs=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "whole" / "trials.csv", dtype={"gpu_ids": str})
+    assert sorted(trials.gpu_ids) == ["0", "1", "2", "3"]
+    assert _max_overlap(trials) == 4
+
+    config = study_config(num_samples=8, scheduler="fifo")
+    result = run_study(
+        config,
+        cifar10_tarball,
+        tmp_path,
+        "halves",
+        "--address",
+        address,
+        "--gpus",
+        "4",
+        "--gpus-per-trial",
+        "0.5",
+        "--set",
+        "training.epochs=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "halves" / "trials.csv", dtype={"gpu_ids": str})
+    assert sorted(trials.gpu_ids.value_counts()) == [2, 2, 2, 2]
+    assert _max_overlap(trials) == 8
+
+    result = run_study(
+        config, cifar10_tarball, tmp_path, "toomany", "--address", address, "--gpus", "8"
+    )
+    assert result.returncode == 2
+    assert "--gpus: asked for 8, but the cluster has 4" in result.stderr
+    assert not (tmp_path / "toomany").exists()
+
+
+def test_two_node_cluster_runs_trials_on_both(tmp_path, study_config, cifar10_tarball, ray_cluster):
+    port = _free_port()
+    ray_cluster("--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false")
+    ray_cluster(
+        f"--address=127.0.0.1:{port}",
+        "--num-cpus=1",
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
+        "--min-worker-port=20000",
+        "--max-worker-port=20999",
+    )
+    config = study_config(num_samples=4, scheduler="fifo")
+    result = run_study(
+        config,
+        cifar10_tarball,
+        tmp_path,
+        "nodes",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--set",
+        "training.epochs=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "nodes" / "trials.csv")
+    assert trials.node_id.nunique() == 2
+
+
+def _wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise TimeoutError("the study did not get there in time")
+
+
+def _trials(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path / "trials.csv")
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame(columns=["status", "epochs_run"])
+
+
+def test_killed_study_resumes_without_losing_or_repeating_work(
+    tmp_path, study_config, cifar10_tarball
+):
+    config = study_config(num_samples=5, scheduler="fifo")
+    folder = tmp_path / "killed"
+    driver = subprocess.Popen(
+        study_command(
+            config,
+            cifar10_tarball,
+            tmp_path,
+            "killed",
+            "--no-dashboard",
+            "--set",
+            "training.epochs=6",
+        ),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(
+            lambda: (
+                ((t := _trials(folder)).status == "completed").sum() >= 1
+                and ((t.status == "running") & (t.epochs_run >= 2)).any()
+            )
+        )
+        before = _trials(folder)
+        epochs_before = pd.read_csv(folder / "epochs.csv")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "study.run",
+            "--resume",
+            "--name",
+            "killed",
+            "--storage-path",
+            str(tmp_path),
+            "--no-dashboard",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "only resume studies from folders you trust" in result.stderr
+    after = _trials(folder)
+    epochs = pd.read_csv(folder / "epochs.csv")
+    assert len(after) == 5 and set(after.status) == {"completed"}
+    # Nothing reported before the kill was lost.
+    kept = epochs.merge(epochs_before, on=["trial_id", "epoch", "rerun"], how="inner")
+    assert len(kept) == len(epochs_before)
+    # Finished trials were not run again.
+    for trial_id in before.loc[before.status == "completed", "trial_id"]:
+        assert (epochs.trial_id == trial_id).sum() == 6
+    # Interrupted trials went on from their checkpoint, not from epoch 1.
+    for trial_id in before.loc[before.status == "running", "trial_id"]:
+        rows = epochs[epochs.trial_id == trial_id]
+        assert (rows.epoch == 1).sum() == 1
+        assert sorted(set(rows.epoch)) == list(range(1, 7))
+        reruns = rows[rows.rerun == 1]
+        assert len(reruns) <= 1  # At most the epoch after the last checkpoint Ray kept.
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "search.metric=val_loss"], "error: search.metric: unknown metric 'val_loss'"),
+        (
+            ["--set", "search.space.model.width={uniform: [0, 1]}"],
+            "error: search.space.model.width",
+        ),
+        (["--set", "search.space={}"], "error: search.space: empty"),
+        (["--gpus-per-trial", "1"], "error: --gpus-per-trial: the study has no GPUs"),
+    ],
+)
+def test_bad_study_input_exits_2_before_ray_starts(
+    tmp_path, study_config, cifar10_tarball, args, expected
+):
+    result = run_study(study_config(), cifar10_tarball, tmp_path, "bad", *args, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_more_gpus_than_the_machine_has(tmp_path, study_config, cifar10_tarball):
+    result = run_study(
+        study_config(),
+        cifar10_tarball,
+        tmp_path,
+        "gpus",
+        "--gpus",
+        "4",
+        "--no-dashboard",
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "error: --gpus: asked for 4, but the cluster has 0" in result.stderr
+    assert not (tmp_path / "gpus").exists()
