@@ -15,6 +15,10 @@ from study.config import ConfigError
 from study.data import DataError
 from study.search_config import load_study
 
+# Without --config: the study defaults, with the search space (works from any directory
+# with the editable install that the README uses).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
@@ -22,7 +26,9 @@ EXIT_DIVERGED = 3
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__)
     parser.add_argument("--local", action="store_true", help="run one trial in this process")
-    parser.add_argument("--config", type=Path, help="a YAML file in configs/ (default: defaults)")
+    parser.add_argument(
+        "--config", type=Path, help="a YAML file in configs/ (default: configs/default.yaml)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -66,7 +72,8 @@ def _run_dir(args) -> Path:
 
 
 def _values(args) -> dict:
-    return {} if args.data_dir is None else {"data.data_dir": args.data_dir}
+    # Absolute, so the saved config still finds the data from another directory.
+    return {} if args.data_dir is None else {"data.data_dir": str(Path(args.data_dir).resolve())}
 
 
 def run_study_command(args) -> int:
@@ -123,6 +130,8 @@ def run_local_command(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.config is None and not args.resume and DEFAULT_CONFIG.is_file():
+        args.config = DEFAULT_CONFIG
     try:
         if args.local:
             return run_local_command(args)

@@ -145,8 +145,11 @@ def _check_space(trial: TrialConfig, search: SearchConfig) -> None:
     seen: dict[str, Distribution] = {}
     for key, entry in search.space.items():
         where = f"search.space.{key}"
-        for value in entry.choice if entry.kind == "choice" else entry.bounds:
-            _validate_with(base, {key: value}, where)
+        # Values first (an unknown name reads best on its own); conditional keys are
+        # checked with their conditions below.
+        if not entry.when:
+            for value in entry.choice if entry.kind == "choice" else entry.bounds:
+                _validate_with(base, {key: value}, where)
         for ref in [entry.by, *(entry.when or {})]:
             if ref is not None and (ref not in seen or seen[ref].kind != "choice"):
                 raise ConfigError(f"{where}: '{ref}' must be a choice listed earlier in the space")
@@ -164,13 +167,15 @@ def _check_space(trial: TrialConfig, search: SearchConfig) -> None:
 
 
 def _contexts(key: str, entry: Distribution, space: dict[str, Distribution]):
-    """One value of one other choice key at a time, as `when` and `by` allow."""
-    yield {}
+    """One value of one other choice key at a time, as `when` and `by` allow; the keys of
+    `when` always take a value for which this key is sampled."""
+    required = {ref: allowed[0] for ref, allowed in (entry.when or {}).items()}
+    yield required
     for other, other_entry in space.items():
         if other == key or other_entry.kind != "choice":
             continue
         for value in (entry.when or {}).get(other, other_entry.choice):
-            yield {other: value}
+            yield {**required, other: value}
 
 
 def _validate_with(base: dict, values: dict[str, Any], where: str) -> TrialConfig:

@@ -4,6 +4,7 @@ import math
 
 import optuna
 import pytest
+import yaml
 
 from study.config import ConfigError
 from study.search import DefineByRun, make_scheduler, make_searcher, trial_config
@@ -143,3 +144,32 @@ def test_resources_and_concurrency():
 def test_bad_resource_options(options, expected):
     with pytest.raises(ConfigError, match=expected):
         check_options(options)
+
+
+def test_cluster_launcher_config_is_valid():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "configs" / "ray-cluster-aws.yaml").read_text())
+    validate_config(prepare_config(config))
+    workers = config["available_node_types"]["gpu_worker"]
+    assert workers["node_config"]["InstanceType"].startswith(("g", "p"))
+    assert any("RAY_AUTH_MODE=token" in c for c in config["head_start_ray_commands"])
+    assert any("pip install" in c and "[gpu]" in c for c in config["setup_commands"])
+
+
+def test_the_driver_never_imports_tensorflow():
+    """The driver must not touch a GPU: it imports no TensorFlow at all."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, study.run, study.tuning, study.records, study.search, study.data; "
+        "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_conditional_keys_are_checked_under_their_condition():
+    # The base loss is hinge, but label smoothing is only sampled with CE or focal.
+    study = load_study(DEFAULT, ["loss.name=hinge"])
+    assert study.trial.loss.name == "hinge"
