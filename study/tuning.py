@@ -272,6 +272,7 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
     if grid.num_terminated + grid.num_errors < study.search.num_samples:
         print(f"interrupted; continue with: {resume_command(options)}", file=sys.stderr)
         return 130
+    print(f"\nBest trial of each loss, by best {study.search.metric}:")
     print(best_per_loss(options.results_dir))
     print(f"results: {options.results_dir}")
     return 0
