@@ -20,9 +20,17 @@ from study.search import trial_config
 TRIALS_FILE = "trials.csv"
 EPOCHS_FILE = "epochs.csv"
 EPOCH_COLUMNS = (
-    "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
-    "images_per_second", "epoch_seconds", "test_loss", "test_accuracy",
-)  # fmt: skip
+    "epoch",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "images_per_second",
+    "epoch_seconds",
+    "test_loss",
+    "test_accuracy",
+)
 PLACEMENT = ("node_id", "node_ip", "hostname", "pid", "gpu_ids")
 
 

@@ -80,8 +80,11 @@ def run_study_command(args) -> int:
     from study.tuning import StudyOptions, run_study
 
     overrides = list(args.overrides)
-    for flag, key in (("searcher", "searcher"), ("scheduler", "scheduler"),
-                      ("num_samples", "num_samples")):  # fmt: skip
+    for flag, key in (
+        ("searcher", "searcher"),
+        ("scheduler", "scheduler"),
+        ("num_samples", "num_samples"),
+    ):
         if getattr(args, flag) is not None:
             overrides.append(f"search.{key}={getattr(args, flag)}")
     if args.resume and (args.config or overrides or args.data_dir):

@@ -8,6 +8,7 @@ trial receives it merged with the sampled dotted keys, which `trial_config` reso
 Nothing else sees Tune or Optuna.
 """
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class DefineByRun:
 
 
 def _optuna_search_class():
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     class StudyOptunaSearch(OptunaSearch):
@@ -73,6 +75,12 @@ def _optuna_search_class():
             self._space, self._metric, self._mode = self._define, metric, mode
             self._setup_study(mode)
             return True
+
+        def on_trial_result(self, trial_id, result):
+            # After a resume, a trial that Optuna already saw finish (its SQLite study is
+            # written at once, Tune's state every few seconds) may report again.
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             if result and result.get("diverged"):

@@ -228,8 +228,16 @@ def best_per_loss(results_dir: Path) -> str:
         "best_val_accuracy", ascending=False
     )
     best = ranked.groupby("loss.name", sort=False).head(1)
-    columns = ["loss.name", "trial_id", "best_val_accuracy", "test_accuracy", "epochs_run",
-               "status", "optimizer.name", "optimizer.learning_rate"]  # fmt: skip
+    columns = [
+        "loss.name",
+        "trial_id",
+        "best_val_accuracy",
+        "test_accuracy",
+        "epochs_run",
+        "status",
+        "optimizer.name",
+        "optimizer.learning_rate",
+    ]
     return best[[c for c in columns if c in best]].to_string(index=False)
 
 

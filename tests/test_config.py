@@ -151,3 +151,11 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, cifar100_tarball):
     assert result.returncode == 2
     assert "already exists" in result.stderr
     assert (run_dir / "result.json").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("ray-cluster"))
+)
+def test_every_shipped_config_loads(path):
+    study = load_study(path)
+    assert study.trial.training.epochs >= 1

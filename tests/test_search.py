@@ -31,13 +31,24 @@ def _sample(search, count=200, seed=0):
 def test_default_space_searches_what_the_study_promises():
     search = load_study(DEFAULT).search
     assert set(search.space["loss.name"].choice) == {
-        "categorical_crossentropy", "focal", "mean_squared_error",
-        "mean_squared_logarithmic_error", "hinge", "squared_hinge", "categorical_hinge",
-    }  # fmt: skip
+        "categorical_crossentropy",
+        "focal",
+        "mean_squared_error",
+        "mean_squared_logarithmic_error",
+        "hinge",
+        "squared_hinge",
+        "categorical_hinge",
+    }
     assert set(search.space["optimizer.name"].choice) == {"rmsprop", "adam", "adamw", "sgd"}
-    for key in ("optimizer.learning_rate", "model.conv_dropout", "model.dense_dropout",
-                "optimizer.weight_decay", "loss.label_smoothing", "model.batch_norm",
-                "model.augment"):  # fmt: skip
+    for key in (
+        "optimizer.learning_rate",
+        "model.conv_dropout",
+        "model.dense_dropout",
+        "optimizer.weight_decay",
+        "loss.label_smoothing",
+        "model.batch_norm",
+        "model.augment",
+    ):
         assert key in search.space
 
 

@@ -16,59 +16,37 @@ import pandas as pd
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, write_study_config
 
 pytestmark = pytest.mark.study
 RAY = str(Path(sys.executable).parent / "ray")
 
-# 4 epochs of a tiny model on 200 images; ASHA may stop trials after epoch 1 or 2.
-TINY_STUDY = {
-    "data": {"dataset": "cifar10", "train_subset": 200, "test_subset": 50,
-             "validation_size": 50},
-    "model": {"width": 0.0625},
-    "training": {"epochs": 4, "batch_size": 50, "eval_batch_size": 100},
-    "search": {
-        "num_samples": 6,
-        "grace_period": 1,
-        "reduction_factor": 2,
-        "space": {
-            "loss.name": {"choice": ["categorical_crossentropy", "hinge",
-                                     "mean_squared_logarithmic_error"]},
-            "optimizer.name": {"choice": ["adam", "sgd"]},
-            "optimizer.learning_rate": {
-                "loguniform": [1e-4, 3e-3], "by": "optimizer.name",
-                "ranges": {"sgd": [1e-3, 0.1]},
-            },
-        },
-        "baseline": {"loss.name": "categorical_crossentropy", "optimizer.name": "adam",
-                     "optimizer.learning_rate": 1e-3},
-    },
-}  # fmt: skip
-
 
 @pytest.fixture
 def study_config(tmp_path):
-    def write(**search):
-        config = {**TINY_STUDY, "search": {**TINY_STUDY["search"], **search}}
-        path = tmp_path / "study.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
-
-    return write
+    return lambda **search: write_study_config(tmp_path / "study.yaml", **search)
 
 
 def study_command(config, data, storage, name, *args):
-    return [sys.executable, "-m", "study.run", "--config", str(config), "--data-dir", str(data),
-            "--storage-path", str(storage), "--name", name, *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "study.run",
+        "--config",
+        str(config),
+        "--data-dir",
+        str(data),
+        "--storage-path",
+        str(storage),
+        "--name",
+        name,
+        *args,
+    ]
 
 
-def run_study(*command, timeout=600):
+def run_study(*command, env, timeout=600):
     return subprocess.run(
-        study_command(*command[:4], *command[4:]),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        study_command(*command), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 
@@ -87,8 +65,10 @@ def _max_overlap(trials: pd.DataFrame) -> int:
     return peak
 
 
-def test_study_searches_stops_early_and_writes_its_tables(tmp_path, study_config, cifar10_tarball):
-    result = run_study(study_config(), cifar10_tarball, tmp_path, "tiny")
+def test_study_searches_stops_early_and_writes_its_tables(
+    tmp_path, study_config, cifar10_tarball, ray_env
+):
+    result = run_study(study_config(), cifar10_tarball, tmp_path, "tiny", env=ray_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Ray dashboard: http://127.0.0.1:" in result.stdout
     assert "ray get-auth-token" in result.stdout
@@ -127,13 +107,12 @@ def test_study_searches_stops_early_and_writes_its_tables(tmp_path, study_config
 
 
 @pytest.fixture
-def ray_cluster():
-    """Starts Ray nodes with `ray start` and stops them all afterwards."""
-    started = []
+def ray_cluster(ray_env):
+    """Starts Ray nodes with `ray start`; ray_env kills them (and only them) afterwards."""
 
     def start(*args):
         # Nodes joining a cluster send its token only when told to (as on a real cluster).
-        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        env = {**ray_env, "RAY_AUTH_MODE": "token"}
         done = subprocess.run(
             [RAY, "start", *args, "--disable-usage-stats"],
             capture_output=True,
@@ -142,34 +121,37 @@ def ray_cluster():
             env=env,
         )
         assert done.returncode == 0, done.stderr[-2000:]
-        started.append(args)
 
-    yield start
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    return start
+
+
+def _wait_for_nodes(address: str, count: int, env: dict) -> None:
+    """`ray start` returns before a joining node has registered with the head."""
+    code = (
+        f"import ray, time; ray.init(address='{address}', log_to_driver=False)\n"
+        "for _ in range(120):\n"
+        f"    if sum(n['Alive'] for n in ray.nodes()) >= {count}: break\n"
+        "    time.sleep(1)\n"
+        "else: raise SystemExit(1)"
+    )
+    env = {**env, "RAY_AUTH_MODE": "token"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=180).returncode == 0
 
 
 def test_logical_gpus_set_concurrency_and_devices(
-    tmp_path, study_config, cifar10_tarball, ray_cluster
+    tmp_path, study_config, cifar10_tarball, ray_cluster, ray_env
 ):
     port = _free_port()
     ray_cluster(
         "--head", f"--port={port}", "--num-cpus=8", "--num-gpus=4", "--include-dashboard=false"
     )
     address = f"127.0.0.1:{port}"
+    # Five epochs, so that every trial is still running when the last one starts.
+    common = ["--address", address, "--gpus", "4", "--set", "training.epochs=5"]
+
     config = study_config(num_samples=4, scheduler="fifo")
     result = run_study(
-        config,
-        cifar10_tarball,
-        tmp_path,
-        "whole",
-        "--address",
-        address,
-        "--gpus",
-        "4",
-        "--gpus-per-trial",
-        "1",
-        "--set",
-        "training.epochs=2",
+        config, cifar10_tarball, tmp_path, "whole", *common, "--gpus-per-trial", "1", env=ray_env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "whole" / "trials.csv", dtype={"gpu_ids": str})
@@ -178,53 +160,47 @@ def test_logical_gpus_set_concurrency_and_devices(
 
     config = study_config(num_samples=8, scheduler="fifo")
     result = run_study(
-        config,
-        cifar10_tarball,
-        tmp_path,
-        "halves",
-        "--address",
-        address,
-        "--gpus",
-        "4",
-        "--gpus-per-trial",
-        "0.5",
-        "--set",
-        "training.epochs=2",
+        config, cifar10_tarball, tmp_path, "halves", *common, "--gpus-per-trial", "0.5", env=ray_env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "halves" / "trials.csv", dtype={"gpu_ids": str})
-    assert sorted(trials.gpu_ids.value_counts()) == [2, 2, 2, 2]
     assert _max_overlap(trials) == 8
+    assert sorted(trials.gpu_ids.value_counts()) == [2, 2, 2, 2]
 
     result = run_study(
-        config, cifar10_tarball, tmp_path, "toomany", "--address", address, "--gpus", "8"
+        config,
+        cifar10_tarball,
+        tmp_path,
+        "toomany",
+        "--address",
+        address,
+        "--gpus",
+        "8",
+        env=ray_env,
     )
     assert result.returncode == 2
     assert "--gpus: asked for 8, but the cluster has 4" in result.stderr
     assert not (tmp_path / "toomany").exists()
 
 
-def test_two_node_cluster_runs_trials_on_both(tmp_path, study_config, cifar10_tarball, ray_cluster):
+def test_two_node_cluster_runs_trials_on_both(
+    tmp_path, study_config, cifar10_tarball, ray_cluster, ray_env
+):
     port = _free_port()
+    address = f"127.0.0.1:{port}"
     ray_cluster("--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false")
     ray_cluster(
-        f"--address=127.0.0.1:{port}",
+        f"--address={address}",
         "--num-cpus=1",
         f"--node-manager-port={_free_port()}",
         f"--object-manager-port={_free_port()}",
         "--min-worker-port=20000",
         "--max-worker-port=20999",
     )
+    _wait_for_nodes(address, 2, ray_env)
     config = study_config(num_samples=4, scheduler="fifo")
     result = run_study(
-        config,
-        cifar10_tarball,
-        tmp_path,
-        "nodes",
-        "--address",
-        f"127.0.0.1:{port}",
-        "--set",
-        "training.epochs=2",
+        config, cifar10_tarball, tmp_path, "nodes", "--address", address, env=ray_env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "nodes" / "trials.csv")
@@ -248,7 +224,7 @@ def _trials(path: Path) -> pd.DataFrame:
 
 
 def test_killed_study_resumes_without_losing_or_repeating_work(
-    tmp_path, study_config, cifar10_tarball
+    tmp_path, study_config, cifar10_tarball, ray_env
 ):
     config = study_config(num_samples=5, scheduler="fifo")
     folder = tmp_path / "killed"
@@ -266,6 +242,7 @@ def test_killed_study_resumes_without_losing_or_repeating_work(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env=ray_env,
     )
     try:
         _wait_for(
@@ -281,7 +258,6 @@ def test_killed_study_resumes_without_losing_or_repeating_work(
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
     result = subprocess.run(
         [
@@ -299,6 +275,7 @@ def test_killed_study_resumes_without_losing_or_repeating_work(
         capture_output=True,
         text=True,
         timeout=600,
+        env=ray_env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "only resume studies from folders you trust" in result.stderr
@@ -333,16 +310,18 @@ def test_killed_study_resumes_without_losing_or_repeating_work(
     ],
 )
 def test_bad_study_input_exits_2_before_ray_starts(
-    tmp_path, study_config, cifar10_tarball, args, expected
+    tmp_path, study_config, cifar10_tarball, args, expected, ray_env
 ):
-    result = run_study(study_config(), cifar10_tarball, tmp_path, "bad", *args, timeout=120)
+    result = run_study(
+        study_config(), cifar10_tarball, tmp_path, "bad", *args, timeout=120, env=ray_env
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "bad").exists()
 
 
-def test_more_gpus_than_the_machine_has(tmp_path, study_config, cifar10_tarball):
+def test_more_gpus_than_the_machine_has(tmp_path, study_config, cifar10_tarball, ray_env):
     result = run_study(
         study_config(),
         cifar10_tarball,
@@ -352,6 +331,7 @@ def test_more_gpus_than_the_machine_has(tmp_path, study_config, cifar10_tarball)
         "4",
         "--no-dashboard",
         timeout=300,
+        env=ray_env,
     )
     assert result.returncode == 2
     assert "error: --gpus: asked for 4, but the cluster has 0" in result.stderr

@@ -1,0 +1,59 @@
+"""The best trial's model, from its checkpoint: per-class test accuracy and its mistakes.
+
+Loads `model.keras` (Keras safe mode) and evaluates it on the test set, never retraining.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from study import data as data_lib
+
+
+def load_test_set(config: dict, data_dir: str | None = None) -> data_lib.Splits:
+    """The trial's test images, from --data-dir or the study's own data settings."""
+    from study.search import trial_config
+
+    trial = trial_config(config)  # Dotted keys, as analysis.results.trial_config gives them.
+    directory = data_dir or trial.data.data_dir
+    data = data_lib.load_cifar(trial.data.dataset, directory, trial.data.label_mode)
+    return data_lib.split(data, trial.data, seed=trial.data.split_seed)
+
+
+def predict(model_path: Path, images: np.ndarray, batch_size=512) -> np.ndarray:
+    import keras
+
+    model = keras.models.load_model(model_path, safe_mode=True, compile=False)
+    scores = model.predict(images.astype("float32") / 255.0, batch_size=batch_size, verbose=0)
+    return scores.argmax(axis=1)
+
+
+def per_class_accuracy(labels, predictions, class_names) -> pd.DataFrame:
+    frame = pd.DataFrame({"label": labels, "correct": labels == predictions})
+    table = frame.groupby("label").correct.agg(["mean", "size"]).reset_index()
+    table["class"] = [class_names[i] for i in table.label]
+    table = table.rename(columns={"mean": "accuracy", "size": "test_images"})
+    return table[["class", "accuracy", "test_images"]].sort_values("accuracy", ascending=False)
+
+
+def mistakes_figure(images, labels, predictions, class_names, out: Path, count=24) -> Path:
+    import matplotlib.pyplot as plt
+
+    wrong = np.flatnonzero(labels != predictions)[:count]
+    columns = 8
+    rows = max(1, -(-len(wrong) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.3 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, wrong, strict=False):
+        axis.imshow(images[index])
+        axis.set_title(
+            f"true: {class_names[labels[index]]}\npred: {class_names[predictions[index]]}",
+            fontsize=8,
+        )
+    figure.suptitle(f"Misclassified test images ({len(wrong)} shown), best trial")
+    path = out / "mistakes.png"
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path

@@ -1,0 +1,272 @@
+"""The report's figures, each from the results tables alone; every function saves one PNG.
+
+Each returns the path it wrote, or None with a reason when the study has too little for it.
+Losses keep one colour across all figures.
+"""
+
+import warnings
+from pathlib import Path
+
+import matplotlib
+import matplotlib.patches
+import matplotlib.ticker
+
+matplotlib.use("Agg")  # Files only; also headless machines and notebooks' inline backend.
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.results import BEST, NOTEBOOK, StudyResults, leaderboard  # noqa: E402
+from study.config import METRIC  # noqa: E402
+from study.losses import LOSSES  # noqa: E402
+
+COLOURS = dict(zip(LOSSES, plt.get_cmap("tab10").colors, strict=False))
+MARKERS = dict(zip(LOSSES, "osD^vP*", strict=True))
+
+
+class Skipped(Exception):
+    """A figure that this study cannot support yet; the message says why."""
+
+
+def _save(figure, out: Path, name: str) -> Path:
+    path = out / f"{name}.png"
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def leaderboard_figure(results: StudyResults, out: Path) -> Path:
+    board = leaderboard(results)
+    if board.empty:
+        raise Skipped("no trial has reported an epoch")
+    figure, axis = plt.subplots(figsize=(9, 0.6 * len(board) + 1.8))
+    rows = np.arange(len(board))[::-1]
+    axis.barh(
+        rows + 0.2,
+        board[BEST],
+        height=0.4,
+        color=[COLOURS[name] for name in board.loss],
+        label="best validation accuracy (this study)",
+    )
+    axis.barh(
+        rows - 0.2,
+        board.test_accuracy,
+        height=0.4,
+        color="lightgrey",
+        edgecolor=[COLOURS[name] for name in board.loss],
+        label="its test accuracy",
+    )
+    notebook = board.loss.map(NOTEBOOK)
+    has = notebook.notna().to_numpy()
+    axis.scatter(
+        notebook[has],
+        rows[has],
+        marker="|",
+        s=400,
+        color="black",
+        zorder=3,
+        label="2020 notebook, test (1 run)",
+    )
+    axis.set_yticks(rows, board.loss)
+    axis.set_xlabel("accuracy")
+    axis.set_xlim(0, 1)
+    axis.set_title("Leaderboard: the best trial of each loss")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize="small")
+    return _save(figure, out, "leaderboard")
+
+
+def trial_epochs(results: StudyResults, trial_id: str) -> pd.DataFrame:
+    """A trial's epochs; where an epoch ran again after a restore, its last run."""
+    rows = results.epochs[results.epochs.trial_id == trial_id]
+    return rows.drop_duplicates("epoch", keep="last").sort_values("epoch")
+
+
+def _best_per_loss(results: StudyResults) -> pd.DataFrame:
+    reported = results.reported
+    return reported.loc[reported.groupby("loss.name")[BEST].idxmax()]
+
+
+def learning_curves(results: StudyResults, out: Path) -> Path:
+    best = _best_per_loss(results)
+    if best.empty or results.epochs.empty:
+        raise Skipped("no trial has reported an epoch")
+    figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")
+    for _, trial in best.iterrows():
+        loss_name = trial["loss.name"]
+        rows = trial_epochs(results, trial.trial_id)
+        style = {"color": COLOURS[loss_name], "marker": MARKERS[loss_name], "markersize": 4}
+        accuracy.plot(rows.epoch, rows.val_accuracy, label=loss_name, **style)
+        # Losses of different kinds have different scales: show each relative to its start.
+        loss.plot(rows.epoch, rows.val_loss / rows.val_loss.iloc[0], label=loss_name, **style)
+    accuracy.set(
+        xlabel="epoch",
+        ylabel="validation accuracy",
+        title="Validation accuracy, best trial of each loss",
+    )
+    loss.set(
+        xlabel="epoch",
+        ylabel="validation loss / its epoch-1 value",
+        title="Validation loss, relative to epoch 1 (scales differ by loss)",
+    )
+    accuracy.legend(fontsize="small", title="loss")
+    for axis in (accuracy, loss):
+        axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        axis.ticklabel_format(axis="y", useOffset=False)
+    return _save(figure, out, "learning_curves")
+
+
+def loss_optimizer_heatmap(results: StudyResults, out: Path) -> Path:
+    reported = results.reported
+    if reported.empty:
+        raise Skipped("no trial has reported an epoch")
+    table = reported.pivot_table(
+        index="loss.name", columns="optimizer.name", values=BEST, aggfunc="max"
+    )
+    figure, axis = plt.subplots(figsize=(1.6 * table.shape[1] + 3, 0.55 * table.shape[0] + 1.5))
+    image = axis.imshow(table.to_numpy(dtype=float), cmap="viridis", vmin=0, aspect="auto")
+    for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
+        text = "no trial" if np.isnan(value) else f"{value:.3f}"
+        axis.text(j, i, text, ha="center", va="center", color="white" if value < 0.5 else "k")
+    axis.set_xticks(range(table.shape[1]), table.columns)
+    axis.set_yticks(range(table.shape[0]), table.index)
+    axis.set(xlabel="optimizer", ylabel="loss", title="Best validation accuracy, loss x optimizer")
+    figure.colorbar(image, ax=axis, label="best validation accuracy")
+    return _save(figure, out, "loss_optimizer")
+
+
+def hyperparameters(results: StudyResults, out: Path) -> Path:
+    reported = results.reported
+    keys = [
+        k
+        for k in ("optimizer.learning_rate", "model.conv_dropout", "model.dense_dropout")
+        if k in reported and reported[k].nunique() > 1
+    ]
+    if not keys:
+        raise Skipped("neither learning rate nor dropout varies across trials")
+    figure, axes = plt.subplots(
+        1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False, layout="constrained"
+    )
+    full = reported.epochs_run >= results.max_epochs
+    for axis, key in zip(axes[0], keys, strict=True):
+        for loss, group in reported.groupby("loss.name"):
+            done = full[group.index]
+            kwargs = {"color": COLOURS[loss], "marker": MARKERS[loss]}
+            axis.scatter(group.loc[done, key], group.loc[done, BEST], label=loss, **kwargs)
+            axis.scatter(
+                group.loc[~done, key],
+                group.loc[~done, BEST],
+                facecolors="none",
+                edgecolors=COLOURS[loss],
+                marker=MARKERS[loss],
+            )
+        axis.set(xlabel=key, ylabel="best validation accuracy")
+        if key.endswith("learning_rate"):
+            axis.set_xscale("log")
+        axis.grid(alpha=0.3)
+    figure.legend(
+        *axes[0][0].get_legend_handles_labels(),
+        loc="outside lower center",
+        ncol=4,
+        fontsize="small",
+        title="loss (hollow markers: stopped early by ASHA)",
+    )
+    figure.suptitle("Learning rate and dropout against accuracy")
+    return _save(figure, out, "hyperparameters")
+
+
+def asha(results: StudyResults, out: Path) -> tuple[Path, dict]:
+    trials = results.trials.sort_values(
+        "started_at" if "started_at" in results.trials else "trial_id"
+    )
+    spent = int(trials.epochs_run.fillna(0).sum())
+    budget = len(trials) * results.max_epochs
+    figure, axis = plt.subplots(figsize=(9, 0.22 * len(trials) + 1.8))
+    colours = {
+        "completed": "tab:green",
+        "early_stopped": "tab:orange",
+        "diverged": "tab:red",
+        "error": "black",
+        "running": "tab:blue",
+    }
+    rows = np.arange(len(trials))[::-1]
+    axis.barh(
+        rows, trials.epochs_run.fillna(0), color=[colours.get(s, "grey") for s in trials.status]
+    )
+    axis.axvline(results.max_epochs, color="black", linestyle="--", linewidth=1)
+    handles = [
+        matplotlib.patches.Patch(color=colour, label=status)
+        for status, colour in colours.items()
+        if status in set(trials.status)
+    ]
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axis.set_yticks(rows, trials.trial_id, fontsize="x-small")
+    axis.set(
+        xlabel="epochs reached",
+        ylabel="trial (in order of start, first at top)",
+        title=f"What ASHA did: {spent} of {budget} epochs run "
+        f"({spent / budget:.0%} of running every trial to the end)",
+    )
+    axis.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    summary = {"epochs_spent": spent, "epochs_full_budget": budget}
+    return _save(figure, out, "asha"), summary
+
+
+def _full_budget_study(results: StudyResults):
+    """An in-memory Optuna study of the full-budget trials only (see the report's note)."""
+    import optuna
+
+    full = results.full_budget
+    space = {k: v for k, v in results.config.search.space.items() if k in full}
+    if len(full) < 3 or not space:
+        raise Skipped(f"{len(full)} full-budget trials; at least 3 are needed")
+    study = optuna.create_study(direction="maximize")
+    for _, row in full.iterrows():
+        params, distributions = {}, {}
+        for key, entry in space.items():
+            if pd.isna(row[key]) or (entry.when and not entry.active(row.to_dict())):
+                continue
+            distributions[key] = _distribution(entry, optuna)
+            params[key] = _plain_param(row[key], entry)
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=distributions, value=float(row[BEST])
+            )
+        )
+    return study
+
+
+def _distribution(entry, optuna):
+    if entry.kind == "choice":
+        return optuna.distributions.CategoricalDistribution(entry.choice)
+    ranges = [entry.bounds, *(entry.ranges or {}).values()]
+    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if entry.kind == "integer":
+        return optuna.distributions.IntDistribution(int(low), int(high))
+    return optuna.distributions.FloatDistribution(low, high, log=entry.kind == "loguniform")
+
+
+def _plain_param(value, entry):
+    if entry.kind == "choice":
+        return next(c for c in entry.choice if str(c) == str(value) or c == value)
+    return int(value) if entry.kind == "integer" else float(value)
+
+
+def importance(results: StudyResults, out: Path) -> list[Path]:
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    study = _full_budget_study(results)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    paths = []
+    for name, plot in (
+        ("importance", optuna_plots.plot_param_importances),
+        ("parallel_coordinates", optuna_plots.plot_parallel_coordinate),
+    ):
+        axis = plot(study)
+        axis.figure.set_size_inches(10, 5)
+        axis.set_title(f"{axis.get_title()} (full-budget trials only, by {METRIC})")
+        paths.append(_save(axis.figure, out, name))
+    return paths

@@ -1,0 +1,150 @@
+"""`python -m analysis.report RESULTS_DIR [--out DIR] [--data-dir PATH]`: a study's report.
+
+Reads only the files the study wrote and writes PNG figures and a `report.md` that embeds
+them. A study still running, or one without checkpoints, gives a partial report with
+notes; a folder that holds no study is a one-line error and exit code 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import figures
+from analysis.results import (
+    BEST,
+    AnalysisError,
+    StudyResults,
+    best_trial,
+    dump,
+    latest_checkpoint,
+    leaderboard,
+    load,
+    trial_config,
+)
+from study.config import METRIC
+from study.data import DataError
+
+IMPORTANCE_NOTE = (
+    "Computed on full-budget trials only. ASHA's early-stopped trials reach Optuna as "
+    "completed, with values from a few epochs; mixing them in would credit whatever made "
+    "trials fast starters rather than good finishers."
+)
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, floatfmt=".4f") if not frame.empty else "(none)"
+
+
+def _figure(lines: list[str], title: str, make, *args, heading=True) -> object:
+    if heading:
+        lines.append(f"\n## {title}\n")
+    try:
+        made = make(*args)
+    except figures.Skipped as reason:
+        lines.append(f"_Not drawn: {reason}._")
+        return None
+    paths = made[0] if isinstance(made, tuple) else made
+    for path in paths if isinstance(paths, list) else [paths]:
+        lines.append(f"\n![{path.stem.replace('_', ' ')}]({path.name})")
+    return made
+
+
+def _best_trial_section(results: StudyResults, out: Path, data_dir, lines: list[str]) -> None:
+    lines.append("\n## The best trial\n")
+    best = best_trial(results)
+    if best is None:
+        lines.append("_No trial has reported an epoch yet._")
+        return
+    config = trial_config(results, best.trial_id)
+    lines.append(
+        f"Trial `{best.trial_id}` ({best['loss.name']}, {best['optimizer.name']}): best "
+        f"{METRIC} {best[BEST]:.4f} at epoch {int(best.best_epoch)}, status {best.status}."
+    )
+    lines.append(f"\n```yaml\n{dump(config)}```")
+    curves = figures.trial_epochs(results, best.trial_id)
+    if not curves.empty:
+        lines.append("\n" + _table(curves.drop(columns=["trial_id"], errors="ignore")))
+    checkpoint = latest_checkpoint(results, best.trial_id)
+    if checkpoint is None:
+        lines.append("\n_No checkpoint of this trial in the folder: no per-class results._")
+        return
+    from analysis import best_model
+
+    try:
+        splits = best_model.load_test_set(config, data_dir)
+    except DataError as error:
+        lines.append(f"\n_No per-class results: the test data could not be read ({error})._")
+        return
+    predictions = best_model.predict(checkpoint, splits.x_test)
+    per_class = best_model.per_class_accuracy(splits.y_test, predictions, splits.class_names)
+    per_class.to_csv(out / "per_class_accuracy.csv", index=False)
+    accuracy = (predictions == splits.y_test).mean()
+    lines.append(
+        f"\nFrom `{checkpoint.relative_to(results.folder)}`: test accuracy {accuracy:.4f} on "
+        f"{len(splits.y_test)} images (all classes in `per_class_accuracy.csv`)."
+    )
+    lines.append("\nBest classes:\n\n" + _table(per_class.head(5)))
+    lines.append("\nWorst classes:\n\n" + _table(per_class.tail(5)))
+    path = best_model.mistakes_figure(
+        splits.x_test, splits.y_test, predictions, splits.class_names, out
+    )
+    lines.append(f"\n![Misclassified test images]({path.name})")
+
+
+def write_report(folder: Path, out: Path | None = None, data_dir: str | None = None) -> Path:
+    """Writes the figures and report.md into `out` (default: the results folder)."""
+    results = load(folder)
+    out = Path(out or folder)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Study report: {results.folder.name}\n"]
+    lines += [f"> **Note:** {note}" for note in results.notes]
+    counts = results.trials.status.value_counts().to_dict()
+    lines.append(
+        f"\n{len(results.trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
+        f"up to {results.max_epochs} epochs each; ranked by {METRIC}."
+    )
+    lines.append("\n## Leaderboard by loss\n")
+    board = leaderboard(results)
+    lines.append(_table(board))
+    lines.append(
+        "\nThe notebook's figures are one run each, measured on the test set it also "
+        "validated on; ours rank on a validation split and test each finished trial once."
+    )
+    _figure(lines, "Leaderboard", figures.leaderboard_figure, results, out, heading=False)
+    _figure(lines, "Learning curves", figures.learning_curves, results, out)
+    _figure(lines, "Loss x optimizer", figures.loss_optimizer_heatmap, results, out)
+    _figure(lines, "Learning rate and dropout", figures.hyperparameters, results, out)
+    made = _figure(lines, "What ASHA did", figures.asha, results, out)
+    if made:
+        spent, budget = made[1]["epochs_spent"], made[1]["epochs_full_budget"]
+        lines.append(
+            f"\n{spent} epochs run of the {budget} that running every trial to the end "
+            f"would have cost: ASHA saved {1 - spent / budget:.0%}."
+        )
+    lines.append(f"\n## Hyper-parameter importance and parallel coordinates\n\n{IMPORTANCE_NOTE}")
+    _figure(lines, "Importance", figures.importance, results, out, heading=False)
+    _best_trial_section(results, out, data_dir, lines)
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__)
+    parser.add_argument("results_dir", type=Path, help="a study's folder: <storage>/<name>")
+    parser.add_argument("--out", type=Path, help="where to write (default: the study folder)")
+    parser.add_argument("--data-dir", help="CIFAR data for the best trial's per-class results")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.results_dir, args.out, args.data_dir)
+    except AnalysisError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

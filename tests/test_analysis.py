@@ -1,0 +1,174 @@
+"""The analysis report and the best-trials notebook, on a real results folder from a tiny
+study (generated data, narrow model)."""
+
+import shutil
+import subprocess
+import sys
+
+import nbclient
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from analysis.report import write_report
+from analysis.results import NOTEBOOK, leaderboard, load
+
+from .conftest import REPO, isolated_ray, write_study_config
+
+FIGURES = [
+    "leaderboard",
+    "learning_curves",
+    "loss_optimizer",
+    "hyperparameters",
+    "asha",
+    "importance",
+    "parallel_coordinates",
+    "mistakes",
+]
+
+
+@pytest.fixture(scope="module")
+def study_folder(tmp_path_factory, cifar10_tarball):
+    """A finished study with checkpoints, made once for this module. FIFO, so that every
+    trial runs the full budget and every figure can be drawn; ASHA's effects are tested
+    on an edited copy below and in test_study.py."""
+    root = tmp_path_factory.mktemp("analysis")
+    config = write_study_config(root / "study.yaml", num_samples=6, scheduler="fifo")
+    with isolated_ray() as env:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "study.run",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(cifar10_tarball),
+                "--storage-path",
+                str(root),
+                "--name",
+                "tiny",
+                "--no-dashboard",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "tiny"
+
+
+def _is_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        width, height = image.size
+        assert width > 200 and height > 150
+        assert np.asarray(image.convert("L")).std() > 5  # Not a blank canvas.
+
+
+def test_report_writes_every_figure_and_embeds_it(study_folder, tmp_path):
+    report = write_report(study_folder, tmp_path)
+    text = report.read_text()
+    for name in FIGURES:
+        _is_png(tmp_path / f"{name}.png")
+        assert f"]({name}.png)" in text
+    assert "full-budget trials only" in text
+    per_class = pd.read_csv(tmp_path / "per_class_accuracy.csv")
+    assert len(per_class) == 10 and per_class.accuracy.between(0, 1).all()
+
+
+def test_leaderboard_numbers_come_from_trials_csv(study_folder):
+    trials = pd.read_csv(study_folder / "trials.csv", dtype={"trial_id": str})
+    board = leaderboard(load(study_folder)).set_index("loss")
+    expected = trials.groupby("loss.name").best_val_accuracy.max()
+    assert set(board.index) == set(expected.index)
+    for loss, value in expected.items():
+        assert board.loc[loss, "best_val_accuracy"] == pytest.approx(value)
+        best = trials.loc[trials[trials["loss.name"] == loss].best_val_accuracy.idxmax()]
+        assert board.loc[loss, "best_trial"] == best.trial_id
+        assert board.loc[loss, "trials"] == (trials["loss.name"] == loss).sum()
+        np.testing.assert_equal(board.loc[loss, "test_accuracy"], best.test_accuracy)
+        np.testing.assert_equal(
+            board.loc[loss, "notebook_test_accuracy"], NOTEBOOK.get(loss, np.nan)
+        )
+
+
+def _stop_early(folder, count):
+    """Edits a results folder as if ASHA had stopped `count` trials after epoch 1."""
+    trials = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
+    stopped = trials.trial_id[:count]
+    trials.loc[trials.trial_id.isin(stopped), ["status", "epochs_run"]] = ["early_stopped", 1]
+    epochs = epochs[~epochs.trial_id.isin(stopped) | (epochs.epoch == 1)]
+    trials.to_csv(folder / "trials.csv", index=False)
+    epochs.to_csv(folder / "epochs.csv", index=False)
+    return set(stopped)
+
+
+def test_asha_savings_and_full_budget_only_importance(study_folder, tmp_path):
+    from analysis.figures import _full_budget_study
+
+    copy = tmp_path / "asha"
+    shutil.copytree(study_folder, copy)
+    stopped = _stop_early(copy, 2)
+    trials = pd.read_csv(copy / "trials.csv")
+    text = write_report(copy, tmp_path / "out").read_text()
+    spent, budget = int(trials.epochs_run.sum()), len(trials) * 4
+    assert f"{spent} epochs run of the {budget}" in text
+    assert f"ASHA saved {1 - spent / budget:.0%}" in text
+    results = load(copy)
+    assert len(_full_budget_study(results).trials) == len(trials) - len(stopped)
+
+
+def test_missing_pieces_give_a_partial_report(study_folder, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(study_folder, copy)
+    for checkpoint in copy.glob("trial_*/checkpoint_*"):
+        shutil.rmtree(checkpoint)
+    trials = pd.read_csv(copy / "trials.csv", dtype={"trial_id": str})
+    trials.loc[0, "status"] = "running"
+    trials.to_csv(copy / "trials.csv", index=False)
+    text = write_report(copy).read_text()
+    assert "still running: this report is partial" in text
+    assert "No checkpoint of this trial in the folder" in text
+    assert (copy / "leaderboard.png").exists()
+
+
+@pytest.mark.parametrize("contents", [None, "empty", "no_trials"])
+def test_wrong_folders_are_one_line_errors(tmp_path, study_folder, contents):
+    folder = tmp_path / "study"
+    if contents == "empty":
+        folder.mkdir()
+    elif contents == "no_trials":
+        folder.mkdir()
+        shutil.copy(study_folder / "config.yaml", folder)
+        (folder / "trials.csv").write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "analysis.report", str(folder)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_notebook_runs_headlessly(study_folder, tmp_path):
+    notebook = nbformat.read(REPO / "analysis" / "best_trials.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    assert notebook.cells[0].source.startswith("# The study to look at")
+    notebook.cells[0].source = f"RESULTS_DIR = {str(study_folder)!r}\nDATA_DIR = None"
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
+    )
+    client.execute()  # Raises CellExecutionError if any cell fails.
+    printed = "".join(
+        output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
+    )
+    assert "test accuracy:" in printed
