@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.results import BEST, NOTEBOOK, StudyResults, leaderboard  # noqa: E402
+from analysis.results import BEST, StudyResults, leaderboard  # noqa: E402
 from study.config import METRIC  # noqa: E402
 from study.losses import LOSSES  # noqa: E402
 
@@ -57,17 +57,18 @@ def leaderboard_figure(results: StudyResults, out: Path) -> Path:
         edgecolor=[COLOURS[name] for name in board.loss],
         label="its test accuracy",
     )
-    notebook = board.loss.map(NOTEBOOK)
+    notebook = board.notebook_test_accuracy
     has = notebook.notna().to_numpy()
-    axis.scatter(
-        notebook[has],
-        rows[has],
-        marker="|",
-        s=400,
-        color="black",
-        zorder=3,
-        label="2020 notebook, test (1 run)",
-    )
+    if has.any():  # Only beside a CIFAR-100 study.
+        axis.scatter(
+            notebook[has],
+            rows[has],
+            marker="|",
+            s=400,
+            color="black",
+            zorder=3,
+            label="2020 notebook, CIFAR-100 test (1 run)",
+        )
     axis.set_yticks(rows, board.loss)
     axis.set_xlabel("accuracy")
     axis.set_xlim(0, 1)

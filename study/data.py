@@ -254,9 +254,10 @@ def _download(source: Source) -> Path:
             )
         )
     except Exception as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
         raise DataError(
-            f"could not download {source.url} ({type(error).__name__}); without network "
-            f"access pass --data-dir PATH to {source.filename} or its extracted folder"
+            f"could not download {source.url} ({reason}); without network access pass "
+            f"--data-dir PATH to {source.filename} or its extracted folder"
         ) from None
 
 

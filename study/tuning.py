@@ -186,8 +186,9 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
             max_concurrent_trials=concurrent,
             trial_dirname_creator=trial_dirname,
             trial_name_creator=trial_dirname,
-            # Trials reuse their worker process: TensorFlow is imported once per worker.
-            reuse_actors=True,
+            # No actor reuse: a trial that ASHA stops finishes its epoch in the background,
+            # and Tune cannot hand its worker to the next trial until then.
+            reuse_actors=False,
         ),
         run_config=tune.RunConfig(
             name=options.name,

@@ -10,6 +10,7 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from analysis.report import write_report
@@ -94,9 +95,22 @@ def test_leaderboard_numbers_come_from_trials_csv(study_folder):
         assert board.loc[loss, "best_trial"] == best.trial_id
         assert board.loc[loss, "trials"] == (trials["loss.name"] == loss).sum()
         np.testing.assert_equal(board.loc[loss, "test_accuracy"], best.test_accuracy)
+        # The study is on CIFAR-10: the notebook's CIFAR-100 numbers are not put beside it.
+        assert np.isnan(board.loc[loss, "notebook_test_accuracy"])
+
+
+def test_notebook_figures_stand_beside_a_cifar100_study(study_folder, tmp_path):
+    copy = tmp_path / "c100"
+    shutil.copytree(study_folder, copy, ignore=shutil.ignore_patterns("trial_*"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["data"]["dataset"] = "cifar100"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    board = leaderboard(load(copy)).set_index("loss")
+    for loss in board.index:
         np.testing.assert_equal(
             board.loc[loss, "notebook_test_accuracy"], NOTEBOOK.get(loss, np.nan)
         )
+    assert board.loc["categorical_crossentropy", "notebook_test_accuracy"] == 0.5275
 
 
 def _stop_early(folder, count):
