@@ -98,6 +98,11 @@ def resources(study: StudyConfig, options: StudyOptions) -> tuple[dict, int | No
         gpus = study.search.gpus_per_trial
     if gpus is None:
         gpus = 1.0 if options.gpus else 0.0
+    if gpus > max(options.gpus, 0) > 0 or (gpus and not options.gpus):
+        raise ConfigError(
+            f"search.gpus_per_trial: {gpus:g} GPUs per trial, but the study may use "
+            f"{options.gpus:g} (--gpus N)"
+        )
     cpus = options.cpus_per_trial or study.search.cpus_per_trial
     concurrent = math.floor(options.gpus / gpus + 1e-9) if gpus else None
     return {"cpu": cpus, "gpu": gpus}, concurrent

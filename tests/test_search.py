@@ -140,6 +140,10 @@ def test_resources_and_concurrency():
     assert concurrent == 4
     assert resources(study, StudyOptions("x")) == ({"cpu": 1.0, "gpu": 0.0}, None)
     assert math.isclose(resources(study, StudyOptions("x", cpus_per_trial=3))[0]["cpu"], 3)
+    packed = load_study(DEFAULT, ["search.gpus_per_trial=0.25"])
+    assert resources(packed, StudyOptions("x", gpus=2)) == ({"cpu": 1.0, "gpu": 0.25}, 8)
+    with pytest.raises(ConfigError, match="search.gpus_per_trial: 0.25 GPUs per trial"):
+        resources(packed, StudyOptions("x"))
 
 
 @pytest.mark.parametrize(
