@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from study import data as data_lib
-from study.config import METRIC, MODE, TrialConfig  # noqa: F401 (re-exported)
+from study.config import METRIC, TrialConfig
 from study.losses import build_loss, target_encoder
 from study.model import build_model
 from study.optimizers import build_optimizer

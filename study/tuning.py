@@ -16,7 +16,7 @@ import yaml
 
 from study import data as data_lib
 from study import results
-from study.config import ConfigError
+from study.config import MODE, ConfigError
 from study.search_config import StudyConfig, load_study
 
 # Ray's newer console output ignores a custom reporter; the classic one can be trimmed.
@@ -184,7 +184,7 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
         param_space=study.trial.to_dict(),
         tune_config=tune.TuneConfig(
             metric=search.metric,
-            mode="max",
+            mode=MODE,
             search_alg=make_searcher(search, options.results_dir, options.name),
             scheduler=make_scheduler(search, study.trial.training.epochs),
             num_samples=search.num_samples,

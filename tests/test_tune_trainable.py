@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from study import data as data_lib
-from study.config import load_config
-from study.trainable import METRIC, MODE, tune_trainable
+from study.config import METRIC, MODE, load_config
+from study.trainable import tune_trainable
 
 ray = pytest.importorskip("ray")
 from ray import cloudpickle, tune  # noqa: E402
