@@ -65,9 +65,8 @@ class Distribution(_Strict):
             raise ValueError("by/ranges apply to numeric ranges, not to a choice")
         if bool(self.by) != bool(self.ranges):
             raise ValueError("by and ranges go together")
-        for low, high in (
-            [self.bounds, *(self.ranges or {}).values()] if self.kind != "choice" else []
-        ):
+        ranges = [] if self.kind == "choice" else [self.bounds, *(self.ranges or {}).values()]
+        for low, high in ranges:
             if not low < high:
                 raise ValueError(f"range [{low}, {high}] must have low < high")
             if self.kind == "loguniform" and low <= 0:

@@ -4,6 +4,8 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,22 @@ from study import synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def run_cli(module: str, *args, env=None, timeout=900) -> subprocess.CompletedProcess:
+    """Runs `python -m MODULE ARGS` from the repository root, as a user would."""
+    command = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def study_args(config, data, storage, name) -> list[str]:
+    """The arguments that point a study at its config, data and results folder."""
+    return [
+        "--config", str(config), "--data-dir", str(data),
+        "--storage-path", str(storage), "--name", name,
+    ]  # fmt: skip
 
 
 def shared_sample(name: str) -> Path:

@@ -2,8 +2,6 @@
 study (generated data, narrow model)."""
 
 import shutil
-import subprocess
-import sys
 
 import nbclient
 import nbformat
@@ -16,7 +14,7 @@ from PIL import Image
 from analysis.report import write_report
 from analysis.results import NOTEBOOK, leaderboard, load
 
-from .conftest import REPO, isolated_ray, write_study_config
+from .conftest import REPO, isolated_ray, run_cli, study_args, write_study_config
 
 FIGURES = [
     "leaderboard",
@@ -38,25 +36,10 @@ def study_folder(tmp_path_factory, cifar10_tarball):
     root = tmp_path_factory.mktemp("analysis")
     config = write_study_config(root / "study.yaml", num_samples=6, scheduler="fifo")
     with isolated_ray() as env:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "study.run",
-                "--config",
-                str(config),
-                "--data-dir",
-                str(cifar10_tarball),
-                "--storage-path",
-                str(root),
-                "--name",
-                "tiny",
-                "--no-dashboard",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=900,
+        result = run_cli(
+            "study.run",
+            *study_args(config, cifar10_tarball, root, "tiny"),
+            "--no-dashboard",
             env=env,
         )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -163,12 +146,7 @@ def test_wrong_folders_are_one_line_errors(tmp_path, study_folder, contents):
         folder.mkdir()
         shutil.copy(study_folder / "config.yaml", folder)
         (folder / "trials.csv").write_text("")
-    result = subprocess.run(
-        [sys.executable, "-m", "analysis.report", str(folder)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("analysis.report", folder)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
 

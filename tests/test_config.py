@@ -1,15 +1,12 @@
 """The trial config: defaults, files, overrides, and one-line errors for bad input."""
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 
 from study.config import ConfigError, TrialConfig, load_config, validate
 from study.search_config import load_study
 
-from .conftest import REPO
+from .conftest import REPO, run_cli
 
 CONFIGS = REPO / "configs"
 
@@ -108,12 +105,6 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         load_config(listing)
 
 
-def _run(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-m", "study.run", *args], cwd=cwd, capture_output=True, text=True
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -126,7 +117,7 @@ def _run(*args, cwd=REPO):
     ],
 )
 def test_command_line_errors_exit_2_with_one_line(args, expected):
-    result = _run("--local", *args)
+    result = run_cli("study.run", "--local", *args)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(expected), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -137,7 +128,8 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, cifar100_tarball):
     run_dir = tmp_path / "taken"
     run_dir.mkdir()
     (run_dir / "result.json").write_text("precious")
-    result = _run(
+    result = run_cli(
+        "study.run",
         "--local",
         "--config",
         str(CONFIGS / "smoke.yaml"),

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from .conftest import REPO, write_study_config
+from .conftest import REPO, run_cli, study_args, write_study_config
 
 pytestmark = pytest.mark.study
 RAY = str(Path(sys.executable).parent / "ray")
@@ -28,25 +28,12 @@ def study_config(tmp_path):
 
 
 def study_command(config, data, storage, name, *args):
-    return [
-        sys.executable,
-        "-m",
-        "study.run",
-        "--config",
-        str(config),
-        "--data-dir",
-        str(data),
-        "--storage-path",
-        str(storage),
-        "--name",
-        name,
-        *args,
-    ]
+    return [sys.executable, "-m", "study.run", *study_args(config, data, storage, name), *args]
 
 
-def run_study(*command, env, timeout=600):
-    return subprocess.run(
-        study_command(*command), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+def run_study(config, data, storage, name, *args, env, timeout=600):
+    return run_cli(
+        "study.run", *study_args(config, data, storage, name), *args, env=env, timeout=timeout
     )
 
 

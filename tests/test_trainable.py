@@ -2,8 +2,6 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from study.config import load_config
 from study.local import run_local
 from study.trainable import compile_model, restore_checkpoint, save_checkpoint, train_and_evaluate
 
-from .conftest import REPO, shared_sample
+from .conftest import run_cli, shared_sample
 
 TINY = [
     "data.dataset=cifar10",
@@ -120,12 +118,7 @@ def test_divergence_ends_the_trial_with_a_status(cifar10):
 
 
 def _study_run(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "study.run", "--local", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    return run_cli("study.run", "--local", *args)
 
 
 def test_command_line_smoke_run(tmp_path, cifar100_tarball):
