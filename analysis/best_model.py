@@ -1,6 +1,7 @@
-"""The best trial's model, from its checkpoint: per-class test accuracy and its mistakes.
+"""The best trial's model, from its checkpoint: per-class accuracy and its mistakes.
 
-Loads `model.keras` (Keras safe mode) and evaluates it on the test set, never retraining.
+Loads `model.keras` (Keras safe mode) and evaluates it on the validation split the search
+ranked by, never retraining. The test set is left to the confirmation phase.
 """
 
 from pathlib import Path
@@ -11,8 +12,8 @@ import pandas as pd
 from study import data as data_lib
 
 
-def load_test_set(config: dict, data_dir: str | None = None) -> data_lib.Splits:
-    """The trial's test images, from --data-dir or the study's own data settings."""
+def load_splits(config: dict, data_dir: str | None = None) -> data_lib.Splits:
+    """The trial's data splits, from --data-dir or the study's own data settings."""
     from study.search import trial_config
 
     trial = trial_config(config)  # Dotted keys, as analysis.results.trial_config gives them.
@@ -33,8 +34,8 @@ def per_class_accuracy(labels, predictions, class_names) -> pd.DataFrame:
     frame = pd.DataFrame({"label": labels, "correct": labels == predictions})
     table = frame.groupby("label").correct.agg(["mean", "size"]).reset_index()
     table["class"] = [class_names[i] for i in table.label]
-    table = table.rename(columns={"mean": "accuracy", "size": "test_images"})
-    return table[["class", "accuracy", "test_images"]].sort_values("accuracy", ascending=False)
+    table = table.rename(columns={"mean": "accuracy", "size": "images"})
+    return table[["class", "accuracy", "images"]].sort_values("accuracy", ascending=False)
 
 
 def mistakes_figure(images, labels, predictions, class_names, out: Path, count=24) -> Path:
@@ -52,7 +53,7 @@ def mistakes_figure(images, labels, predictions, class_names, out: Path, count=2
             f"true: {class_names[labels[index]]}\npred: {class_names[predictions[index]]}",
             fontsize=8,
         )
-    figure.suptitle(f"Misclassified test images ({len(wrong)} shown), best trial")
+    figure.suptitle(f"Misclassified validation images ({len(wrong)} shown), best trial")
     path = out / "mistakes.png"
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.results import BEST, StudyResults, leaderboard  # noqa: E402
+from analysis.results import BEST, StudyResults, confirmation, leaderboard  # noqa: E402
 from study.config import METRIC  # noqa: E402
 from study.losses import LOSSES  # noqa: E402
 
@@ -49,14 +49,18 @@ def leaderboard_figure(results: StudyResults, out: Path) -> Path:
         color=[COLOURS[name] for name in board.loss],
         label="best validation accuracy (this study)",
     )
-    axis.barh(
-        rows - 0.2,
-        board.test_accuracy,
-        height=0.4,
-        color="lightgrey",
-        edgecolor=[COLOURS[name] for name in board.loss],
-        label="its test accuracy",
-    )
+    if "mean_test_accuracy" in board:  # After the confirmation phase.
+        mean = board.mean_test_accuracy
+        axis.barh(
+            rows - 0.2,
+            mean,
+            height=0.4,
+            color="lightgrey",
+            edgecolor=[COLOURS[name] for name in board.loss],
+            xerr=[mean - board.test_ci_low, board.test_ci_high - mean],
+            capsize=3,
+            label="test accuracy over seeds, 95% interval (confirmation)",
+        )
     notebook = board.notebook_test_accuracy
     has = notebook.notna().to_numpy()
     if has.any():  # Only beside a CIFAR-100 study.
@@ -75,6 +79,39 @@ def leaderboard_figure(results: StudyResults, out: Path) -> Path:
     axis.set_title("Leaderboard: the best trial of each loss")
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize="small")
     return _save(figure, out, "leaderboard")
+
+
+def confirmation_figure(results: StudyResults, out: Path) -> Path:
+    """Test accuracy per loss: each seed a dot, the mean and its 95% interval drawn."""
+    table, _ = confirmation(results)
+    if table.empty:
+        raise Skipped("no confirmation run has finished")
+    runs = results.confirm
+    figure, axis = plt.subplots(figsize=(9, 0.7 * len(table) + 1.8))
+    rows = np.arange(len(table))[::-1]
+    for row, entry in zip(rows, table.itertuples(), strict=True):
+        chosen = runs[(runs.loss == entry.loss) & (runs.config_id == entry.config_id)]
+        values = chosen.test_accuracy.dropna()
+        jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else [0.0]
+        style = {"color": COLOURS[entry.loss], "marker": MARKERS[entry.loss]}
+        axis.scatter(values, row + np.asarray(jitter), alpha=0.6, s=30, **style)
+        axis.errorbar(
+            entry.mean_test_accuracy,
+            row,
+            xerr=[
+                [entry.mean_test_accuracy - entry.ci_low],
+                [entry.ci_high - entry.mean_test_accuracy],
+            ],
+            color="black",
+            capsize=6,
+            marker="|",
+            markersize=18,
+        )
+    axis.set_yticks(rows, table.loss)
+    axis.set_xlabel("test accuracy")
+    axis.set_title("Confirmation: each seed a dot; the mean and its 95% t interval in black")
+    axis.grid(axis="x", alpha=0.3)
+    return _save(figure, out, "confirmation")
 
 
 def trial_epochs(results: StudyResults, trial_id: str) -> pd.DataFrame:

@@ -17,6 +17,7 @@ from analysis.results import (
     AnalysisError,
     StudyResults,
     best_trial,
+    confirmation,
     dump,
     latest_checkpoint,
     leaderboard,
@@ -73,24 +74,64 @@ def _best_trial_section(results: StudyResults, out: Path, data_dir, lines: list[
     from analysis import best_model
 
     try:
-        splits = best_model.load_test_set(config, data_dir)
+        splits = best_model.load_splits(config, data_dir)
     except DataError as error:
-        lines.append(f"\n_No per-class results: the test data could not be read ({error})._")
+        lines.append(f"\n_No per-class results: the data could not be read ({error})._")
         return
-    predictions = best_model.predict(checkpoint, splits.x_test)
-    per_class = best_model.per_class_accuracy(splits.y_test, predictions, splits.class_names)
+    # The validation split it was chosen on: the test set is the confirmation's alone.
+    predictions = best_model.predict(checkpoint, splits.x_val)
+    per_class = best_model.per_class_accuracy(splits.y_val, predictions, splits.class_names)
     per_class.to_csv(out / "per_class_accuracy.csv", index=False)
-    accuracy = (predictions == splits.y_test).mean()
+    accuracy = (predictions == splits.y_val).mean()
     lines.append(
-        f"\nFrom `{checkpoint.relative_to(results.folder)}`: test accuracy {accuracy:.4f} on "
-        f"{len(splits.y_test)} images (all classes in `per_class_accuracy.csv`)."
+        f"\nFrom `{checkpoint.relative_to(results.folder)}`: validation accuracy "
+        f"{accuracy:.4f} on {len(splits.y_val)} images (all classes in "
+        "`per_class_accuracy.csv`)."
     )
     lines.append("\nBest classes:\n\n" + _table(per_class.head(5)))
     lines.append("\nWorst classes:\n\n" + _table(per_class.tail(5)))
     path = best_model.mistakes_figure(
-        splits.x_test, splits.y_test, predictions, splits.class_names, out
+        splits.x_val, splits.y_val, predictions, splits.class_names, out
     )
-    lines.append(f"\n![Misclassified test images]({path.name})")
+    lines.append(f"\n![Misclassified validation images]({path.name})")
+
+
+def _confirmation_section(results: StudyResults, out: Path, lines: list[str]) -> None:
+    lines.append("\n## Confirmation over seeds (test set)\n")
+    table, differences = confirmation(results)
+    if table.empty:
+        lines.append(
+            "_No confirmation yet. `python -m study.run --confirm --name "
+            f"{results.folder.name}` re-trains each loss's best configuration over seeds "
+            "and tests it; only then is a difference between losses an answer._"
+        )
+        return
+    lines.append(
+        f"Each loss's best configuration (by validation) re-trained with "
+        f"{int(table.seeds.max())} seeds at the full budget and tested once per seed. "
+        "Mean test accuracy with its 95% Student's t interval:\n"
+    )
+    lines.append(_table(table))
+    if not differences.empty:
+        versus = differences.versus.iloc[0]
+        lines.append(
+            f"\nDifferences to {versus}, with Welch's 95% interval. Welch, not a paired "
+            "test: the losses' configurations differ in optimizer, learning rate and batch "
+            "size, so runs that share a seed are not matched pairs, and their variances "
+            "need not be equal.\n"
+        )
+        lines.append(_table(differences))
+        for row in differences.itertuples():
+            if row.resolved:
+                direction = "better" if row.difference > 0 else "worse"
+                verdict = f"is resolved: {row.loss} is {direction} than {versus}"
+            else:
+                verdict = "is not resolved: the interval holds 0; more seeds could tell"
+            lines.append(
+                f"\n- {row.loss} - {versus}: {row.difference:+.4f} "
+                f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}] {verdict}."
+            )
+    _figure(lines, "Confirmation", figures.confirmation_figure, results, out, heading=False)
 
 
 def write_report(folder: Path, out: Path | None = None, data_dir: str | None = None) -> Path:
@@ -110,9 +151,11 @@ def write_report(folder: Path, out: Path | None = None, data_dir: str | None = N
     lines.append(_table(board))
     lines.append(
         "\nThe notebook's figures are one run each, measured on the test set it also "
-        "validated on; ours rank on a validation split and test each finished trial once."
+        "validated on. The search ranks on a validation split and never touches the test "
+        "set; test accuracy comes only from the confirmation phase, over seeds."
     )
     _figure(lines, "Leaderboard", figures.leaderboard_figure, results, out, heading=False)
+    _confirmation_section(results, out, lines)
     _figure(lines, "Learning curves", figures.learning_curves, results, out)
     _figure(lines, "Loss x optimizer", figures.loss_optimizer_heatmap, results, out)
     _figure(lines, "Learning rate and dropout", figures.hyperparameters, results, out)

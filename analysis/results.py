@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from study.config import METRIC
+from study.config import METRIC, row_config
+from study.confirm import CONFIRM_FILE, summary
 from study.search_config import StudyConfig, load_study
 
 # The 2020 notebook's test accuracies, one run each, measured on the set it validated on.
@@ -36,6 +37,8 @@ class StudyResults:
     trials: pd.DataFrame
     epochs: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    # confirm.csv: the confirmation phase's runs over seeds, with test metrics; or empty.
+    confirm: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def max_epochs(self) -> int:
@@ -70,7 +73,8 @@ def load(folder: str | Path) -> StudyResults:
     epochs = _read_csv(folder / "epochs.csv")
     if BEST not in trials:
         trials[BEST] = np.nan
-    results = StudyResults(folder, config, trials, epochs)
+    confirm = _read_csv(folder / CONFIRM_FILE)
+    results = StudyResults(folder, config, trials, epochs, confirm=confirm)
     _note_gaps(results)
     return results
 
@@ -78,7 +82,7 @@ def load(folder: str | Path) -> StudyResults:
 def _read_csv(path: Path) -> pd.DataFrame:
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame()
-    return pd.read_csv(path, dtype={"trial_id": str, "gpu_ids": str})
+    return pd.read_csv(path, dtype={"trial_id": str, "gpu_ids": str, "config_id": str})
 
 
 def _note_gaps(results: StudyResults) -> None:
@@ -97,9 +101,18 @@ def _note_gaps(results: StudyResults) -> None:
         results.notes.append("No trial has run the full epoch budget yet.")
 
 
+def confirmation(results: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per loss, mean test accuracy over seeds with its 95% interval; and the differences
+    to cross-entropy (study/confirm.py). Both empty before a confirmation has run."""
+    if results.confirm.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    return summary(results.confirm)
+
+
 def leaderboard(results: StudyResults) -> pd.DataFrame:
-    """Per loss: the best trial by validation accuracy, its test accuracy, and the mean and
-    spread over trials that share its configuration (several seeds, or repeats)."""
+    """Per loss: the best trial by validation accuracy, and the mean and spread over trials
+    that share its configuration (several seeds, or repeats). After a confirmation, its
+    test accuracy over seeds, with the 95% interval."""
     reported = results.reported
     if reported.empty:
         return pd.DataFrame()
@@ -119,14 +132,24 @@ def leaderboard(results: StudyResults) -> pd.DataFrame:
                 "trials": len(group),
                 "best_trial": best.trial_id,
                 BEST: best[BEST],
-                "test_accuracy": best.get("test_accuracy", np.nan),
                 "runs_of_best_config": len(same),
                 f"mean_{METRIC}": same[BEST].mean(),
                 f"std_{METRIC}": same[BEST].std(ddof=1) if len(same) > 1 else np.nan,
                 "notebook_test_accuracy": notebook.get(loss, np.nan),
             }
         )
-    return pd.DataFrame(rows).sort_values(BEST, ascending=False, ignore_index=True)
+    board = pd.DataFrame(rows)
+    confirmed, _ = confirmation(results)
+    if not confirmed.empty:
+        confirmed = confirmed.rename(
+            columns={
+                "config_id": "confirmed_config",
+                "ci_low": "test_ci_low",
+                "ci_high": "test_ci_high",
+            }
+        ).drop(columns=["mean_val_accuracy"])
+        board = board.merge(confirmed, on="loss", how="left")
+    return board.sort_values(BEST, ascending=False, ignore_index=True)
 
 
 def best_trial(results: StudyResults) -> pd.Series | None:
@@ -137,22 +160,14 @@ def best_trial(results: StudyResults) -> pd.Series | None:
 def trial_config(results: StudyResults, trial_id: str) -> dict:
     """A trial's full config, as its trials.csv row records it (dotted keys)."""
     row = results.trials.set_index("trial_id").loc[trial_id]
-    base = results.config.trial.to_dict()
+    config = row_config(results.config.trial.to_dict(), row)
     flat = {}
-    for section, values in base.items():
+    for section, values in config.items():
         if isinstance(values, dict):
-            for key in values:
-                dotted = f"{section}.{key}"
-                flat[dotted] = _plain(row.get(dotted, values[key]))
+            flat |= {f"{section}.{key}": value for key, value in values.items()}
         else:
-            flat[section] = _plain(row.get(section, values))
+            flat[section] = values
     return flat
-
-
-def _plain(value):
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def latest_checkpoint(results: StudyResults, trial_id: str) -> Path | None:

@@ -6,13 +6,14 @@ validated at that edge: nothing deeper reads raw dict keys. Importing this modul
 import TensorFlow, so a bad config is refused in milliseconds.
 """
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from study.data import DATASETS
+from study.data import DATASETS, one_line
 from study.losses import LOSSES
 from study.optimizers import OPTIMIZERS, SCHEDULES
 
@@ -26,6 +27,9 @@ ACTIVATIONS = ("elu", "relu", "gelu", "silu", "selu", "leaky_relu", "tanh")
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming the field."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 def _check_name(value: str, allowed, what: str) -> str:
@@ -126,7 +130,7 @@ class OptimizerConfig(_Section):
     nesterov: bool = True
     schedule: str = "cosine"
     # inverse_time only: lr / (1 + decay * step), the old Keras `decay=` argument.
-    decay: float = Field(default=1e-6, ge=0)
+    decay: float = Field(default=1e-6, ge=0, allow_inf_nan=False)
     # cosine only: linear warm-up over this many epochs, then cosine decay to zero.
     warmup_epochs: float = Field(default=0.0, ge=0)
 
@@ -216,15 +220,19 @@ def validate(raw: dict[str, Any]) -> TrialConfig:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"--config: cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not a text file (not UTF-8)") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"--config: {path} is not valid YAML{where}") from None
+    except RecursionError:  # PyYAML's parser recurses once per level of nesting.
+        raise ConfigError(f"--config: {path} nests too deeply") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -241,6 +249,8 @@ def parse_assignment(assignment: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML") from None
+    except RecursionError:  # PyYAML's parser recurses once per level of nesting.
+        raise ConfigError(f"--set {dotted.strip()}: the value nests too deeply") from None
     return dotted.strip(), value
 
 
@@ -272,3 +282,23 @@ def load_config(path: str | Path | None = None, overrides=(), values=None) -> Tr
 
 def dump_yaml(config: TrialConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def row_config(base: dict, row) -> dict:
+    """A trial's config from its trials.csv row (dotted columns) laid over the base config;
+    an empty cell is None."""
+    config = {}
+    for section, values in base.items():
+        if not isinstance(values, dict):
+            config[section] = _plain(row.get(section, values))
+            continue
+        config[section] = {
+            key: _plain(row.get(f"{section}.{key}", value)) for key, value in values.items()
+        }
+    return config
+
+
+def _plain(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value.item() if hasattr(value, "item") else value

@@ -96,6 +96,8 @@ class StudyRecorder(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
         row.update({key: result[key] for key in PLACEMENT if key in result})
+        if result.get("warning"):  # A checkpoint that could not be restored, say.
+            row["warning"] = result["warning"]
         if result.get("diverged"):
             row.update(status="diverged", message=result["diverged"])
             self._save()
@@ -112,6 +114,7 @@ class StudyRecorder(tune.Callback):
         row["status"] = "running"
         row["epochs_run"] = epoch
         row["last_val_accuracy"] = result[METRIC]
+        row["last_val_loss"] = result.get("val_loss")
         if result[METRIC] >= row.get("best_val_accuracy", float("-inf")):
             row.update(best_val_accuracy=result[METRIC], best_epoch=epoch)
         for key in ("test_accuracy", "test_loss"):

@@ -3,9 +3,11 @@
 Arguments are parsed and checked here, before Ray or TensorFlow start; the work is done by
 library functions that tests call directly. Exit codes: 0 done, 2 bad input (one line on
 stderr), 3 the local trial diverged, 130 the study was interrupted (resume it).
+`--confirm --name NAME` re-trains a finished study's best configurations over seeds.
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -23,8 +25,26 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is bad input like any other: one line on stderr and exit code 2."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _resource_count(text: str) -> float:
+    """GPUs or CPUs: a finite number >= 0 (fractions pack trials on a GPU)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__)
+    parser = _Parser(prog="python -m study.run", description=__doc__)
     parser.add_argument("--local", action="store_true", help="run one trial in this process")
     parser.add_argument(
         "--config", type=Path, help="a YAML file in configs/ (default: configs/default.yaml)"
@@ -45,9 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--name", help="the run folder's name (default: config name and time)")
     study = parser.add_argument_group("study (without --local)")
-    study.add_argument("--gpus", type=float, default=0, help="GPUs the study may use")
-    study.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on a GPU")
-    study.add_argument("--cpus-per-trial", type=float, help="CPUs reserved per trial")
+    study.add_argument("--gpus", type=_resource_count, default=0, help="GPUs the study may use")
+    study.add_argument(
+        "--gpus-per-trial", type=_resource_count, help="fractions pack trials on a GPU"
+    )
+    study.add_argument("--cpus-per-trial", type=_resource_count, help="CPUs reserved per trial")
     study.add_argument("--address", help="join a Ray cluster: auto, or ray://HOST:10001")
     study.add_argument("--resume", action="store_true", help="continue the study --name")
     study.add_argument("--searcher", choices=["optuna", "random"], help="override the config")
@@ -57,6 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dashboard-host", default="127.0.0.1", help="0.0.0.0 exposes the dashboard (warned)"
     )
     study.add_argument("--no-dashboard", action="store_true", help="start Ray without it")
+    confirm = parser.add_argument_group("confirmation (after a study)")
+    confirm.add_argument(
+        "--confirm",
+        action="store_true",
+        help="re-train each loss's best configurations of the study --name over seeds, then test",
+    )
+    confirm.add_argument("--seeds", type=int, default=3, help="seeds per configuration (>= 2)")
+    confirm.add_argument(
+        "--top-per-loss", type=int, default=1, help="configurations per loss, by validation"
+    )
     return parser.parse_args(argv)
 
 
@@ -107,6 +139,28 @@ def run_study_command(args) -> int:
     return run_study(study, options)
 
 
+def run_confirm_command(args) -> int:
+    from study.confirm import run_confirm
+    from study.tuning import StudyOptions
+
+    if not args.name:
+        raise ConfigError("--confirm: name the finished study with --name")
+    if args.config or args.overrides or args.data_dir or args.local:
+        raise ConfigError("--confirm: uses the study's saved config; drop --config/--set/--local")
+    options = StudyOptions(
+        name=args.name,
+        storage_path=str(args.storage_path),
+        address=args.address,
+        gpus=args.gpus,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        resume=args.resume,
+        dashboard_host=args.dashboard_host,
+        dashboard=not args.no_dashboard,
+    )
+    return run_confirm(options, args.seeds, args.top_per_loss)
+
+
 def run_local_command(args) -> int:
     from study import data as data_lib
 
@@ -132,10 +186,12 @@ def run_local_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.config is None and not args.resume and DEFAULT_CONFIG.is_file():
-        args.config = DEFAULT_CONFIG
     try:
+        args = parse_args(argv)
+        if args.confirm:
+            return run_confirm_command(args)
+        if args.config is None and not args.resume and DEFAULT_CONFIG.is_file():
+            args.config = DEFAULT_CONFIG
         if args.local:
             return run_local_command(args)
         return run_study_command(args)

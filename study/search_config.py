@@ -7,6 +7,7 @@ each searched value must make a valid trial config. study/search.py turns it int
 Ray Tune and Optuna take.
 """
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FiniteFloat,
     ValidationError,
     field_validator,
     model_validator,
@@ -49,11 +51,11 @@ class Distribution(_Strict):
     """
 
     choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
+    uniform: tuple[FiniteFloat, FiniteFloat] | None = None
+    loguniform: tuple[FiniteFloat, FiniteFloat] | None = None
     integer: tuple[int, int] | None = None  # inclusive bounds
     by: str | None = None
-    ranges: dict[str, tuple[float, float]] | None = None
+    ranges: dict[str, tuple[FiniteFloat, FiniteFloat]] | None = None
     when: dict[str, list[Any]] | None = None
 
     @model_validator(mode="after")
@@ -99,19 +101,20 @@ class Distribution(_Strict):
 
 class SearchConfig(_Strict):
     num_samples: int = Field(default=32, ge=1)
-    searcher: Literal["optuna", "random"] = "optuna"
+    # grid: every combination of the space's choices, num_samples times (no searcher).
+    searcher: Literal["optuna", "random", "grid"] = "optuna"
     scheduler: Literal["asha", "fifo"] = "asha"
     seed: int = Field(default=0, ge=0)
     metric: str = "val_accuracy"
     # ASHA on epochs; its maximum is training.epochs.
     grace_period: int = Field(default=2, ge=1)
-    reduction_factor: float = Field(default=3.0, gt=1)
+    reduction_factor: float = Field(default=3.0, gt=1, allow_inf_nan=False)
     # Retries of a failed trial, each from its latest checkpoint.
     max_failures: int = Field(default=3, ge=0)
     keep_checkpoints: int = Field(default=2, ge=1)
-    cpus_per_trial: float = Field(default=1.0, gt=0)
+    cpus_per_trial: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     # null: 1 when the study has GPUs (--gpus N), else 0. Fractions pack trials on a GPU.
-    gpus_per_trial: float | None = Field(default=None, ge=0)
+    gpus_per_trial: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     space: dict[str, Distribution] = Field(default_factory=dict)
     # The notebook's configuration, evaluated first so every study has the baseline.
     baseline: dict[str, Any] = Field(default_factory=dict)
@@ -125,6 +128,13 @@ class SearchConfig(_Strict):
                 "(never a loss: values of different losses are not comparable)"
             )
         return value
+
+    @property
+    def trial_count(self) -> int:
+        """The trials the study runs: num_samples, or num_samples times the grid."""
+        if self.searcher != "grid":
+            return self.num_samples
+        return self.num_samples * math.prod(len(entry.choice) for entry in self.space.values())
 
 
 class StudyConfig(_Strict):
@@ -188,6 +198,16 @@ def _validate_with(base: dict, values: dict[str, Any], where: str) -> TrialConfi
         raise ConfigError(f"{where}: with {context}: {error}") from None
 
 
+def _check_grid(search: SearchConfig) -> None:
+    for key, entry in search.space.items():
+        if entry.kind != "choice" or entry.when:
+            raise ConfigError(
+                f"search.space.{key}: the grid searcher takes plain choice lists only"
+            )
+    if search.baseline:
+        raise ConfigError("search.baseline: the grid searcher runs every combination; drop it")
+
+
 def _check_baseline(trial: TrialConfig, search: SearchConfig) -> None:
     for key, value in search.baseline.items():
         entry = search.space.get(key)
@@ -201,7 +221,8 @@ def _check_baseline(trial: TrialConfig, search: SearchConfig) -> None:
 def load_study(path: str | Path | None = None, overrides=(), values=None) -> StudyConfig:
     """Reads a config file, applies `--set` overrides (trial or `search.` keys), validates."""
     raw = read_yaml(Path(path)) if path is not None else {}
-    search_raw = raw.pop("search", None) or {}
+    search_raw = raw.pop("search", None)
+    search_raw = {} if search_raw is None else search_raw  # `search:` with nothing under it.
     if not isinstance(search_raw, dict):
         raise ConfigError("search: must be a mapping of keys to values")
     trial_overrides = []
@@ -210,7 +231,10 @@ def load_study(path: str | Path | None = None, overrides=(), values=None) -> Stu
         section, _, key = dotted.removeprefix("search.").partition(".")
         if dotted.startswith("search.") and section in ("space", "baseline") and key:
             # Space and baseline keys are dotted trial keys: the rest is one key.
-            search_raw.setdefault(section, {})[key] = value
+            entries = search_raw.setdefault(section, {})
+            if not isinstance(entries, dict):
+                raise ConfigError(f"search.{section}: must be a mapping of keys to values")
+            entries[key] = value
         elif dotted.startswith("search."):
             set_value(search_raw, dotted.removeprefix("search."), value)
         else:
@@ -220,6 +244,8 @@ def load_study(path: str | Path | None = None, overrides=(), values=None) -> Stu
         search = SearchConfig.model_validate(search_raw)
     except ValidationError as error:
         raise ConfigError(format_error(error, SearchConfig, prefix="search.")) from None
+    if search.searcher == "grid":
+        _check_grid(search)
     if search.space:
         _check_space(trial, search)
         _check_baseline(trial, search)

@@ -8,6 +8,7 @@ them to Ray Tune. `tune_trainable` is the function Ray Tune runs.
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -77,8 +78,9 @@ def restore_checkpoint(model: keras.Model, directory: Path) -> int:
 class EpochReporter(keras.callbacks.Callback):
     """Times each epoch, stops at a non-finite loss, checkpoints and hands metrics on."""
 
-    def __init__(self, sink, config: TrialConfig, train_images: int):
+    def __init__(self, sink, config: TrialConfig, train_images: int, warning: str | None = None):
         super().__init__()
+        self.warning = warning  # Goes out with the next report, into trials.csv.
         self.sink = sink
         self.config = config
         self.train_images = train_images
@@ -114,6 +116,8 @@ class EpochReporter(keras.callbacks.Callback):
             "images_per_second": self.train_images / train_seconds,
             "epoch_seconds": elapsed,
         }
+        if self.warning:
+            metrics["warning"], self.warning = self.warning, None
         self.history.append(metrics)
         last = done == self.config.training.epochs
         checkpoint = None
@@ -145,9 +149,18 @@ def _datasets(config: TrialConfig, splits: data_lib.Splits):
 
 
 def train_and_evaluate(
-    config: TrialConfig, data: data_lib.CifarData, sink, checkpoint: Path | None = None
+    config: TrialConfig,
+    data: data_lib.CifarData,
+    sink,
+    checkpoint: Path | None = None,
+    evaluate_test: bool = True,
 ) -> Outcome:
-    """Trains one configuration, reporting each epoch to `sink`; resumes from `checkpoint`."""
+    """Trains one configuration, reporting each epoch to `sink`; resumes from `checkpoint`.
+
+    With `evaluate_test`, the finished model is evaluated once on the test set and the
+    last report carries `test_loss` and `test_accuracy`. A search's trials leave the test
+    set alone: only the confirmation phase (study/confirm.py) measures it.
+    """
     keras.backend.clear_session()  # A reused Ray worker starts each trial afresh.
     keras.utils.set_random_seed(config.seed)
     devices = configure_devices(config)
@@ -155,8 +168,19 @@ def train_and_evaluate(
     train, validation, test = _datasets(config, splits)
     steps_per_epoch = math.ceil(len(splits.y_train) / config.training.batch_size)
     model = compile_model(config, steps_per_epoch, devices["jit_compile"])
-    initial_epoch = restore_checkpoint(model, checkpoint) if checkpoint else 0
-    reporter = EpochReporter(sink, config, len(splits.y_train))
+    initial_epoch, warning = 0, None
+    if checkpoint:
+        try:
+            initial_epoch = restore_checkpoint(model, checkpoint)
+        except Exception as error:  # Truncated, corrupt or missing: any of them, start over.
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            warning = f"checkpoint {checkpoint} unreadable ({reason[:200]}); restarted from scratch"
+            print(f"warning: {warning}", file=sys.stderr)
+            # A half-loaded model is neither the checkpoint nor a fresh start: rebuild it.
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(config.seed)
+            model = compile_model(config, steps_per_epoch, devices["jit_compile"])
+    reporter = EpochReporter(sink, config, len(splits.y_train), warning)
     model.fit(
         train,
         validation_data=validation,
@@ -170,8 +194,10 @@ def train_and_evaluate(
         epoch, step = reporter.diverged_at
         message = f"non-finite loss in epoch {epoch}, step {step}"
         return Outcome("diverged", reporter.history, message=message)
-    test_loss, test_accuracy = model.evaluate(test, verbose=0)
-    test_metrics = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy)}
+    test_metrics = {}
+    if evaluate_test:
+        test_loss, test_accuracy = model.evaluate(test, verbose=0)
+        test_metrics = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy)}
     if reporter.final is not None:
         metrics, final_checkpoint = reporter.final
         metrics.update(test_metrics)
@@ -206,25 +232,28 @@ def _placement() -> dict:
     }
 
 
-def tune_trainable(params: dict, data: data_lib.CifarData) -> None:
+def tune_trainable(params: dict, data: data_lib.CifarData, evaluate_test: bool = False) -> None:
     """The function Ray Tune runs: build the trial's config, resume if asked, train.
 
     `params` is the base config with the sampled dotted keys (see study/search.py).
     A diverged trial reports once more with `diverged` set, so the study records it and
     the searcher marks it failed, and ends without an error (a retry would diverge again).
     """
-    from ray import tune
-
     from study.search import trial_config
 
-    config = trial_config(params)
+    run_tune_trial(trial_config(params), data, evaluate_test)
+
+
+def run_tune_trial(config: TrialConfig, data: data_lib.CifarData, evaluate_test: bool) -> None:
+    from ray import tune
+
     sink = TuneSink(_placement())
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        outcome = train_and_evaluate(config, data, sink)
+        outcome = train_and_evaluate(config, data, sink, evaluate_test=evaluate_test)
     else:
         with checkpoint.as_directory() as directory:
-            outcome = train_and_evaluate(config, data, sink, Path(directory))
+            outcome = train_and_evaluate(config, data, sink, Path(directory), evaluate_test)
     if outcome.status == "diverged":
         epoch = (outcome.history[-1]["epoch"] if outcome.history else 0) + 1
         sink.report({"epoch": epoch, METRIC: 0.0, "diverged": outcome.message}, None)

@@ -178,14 +178,20 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
             resume_errored=True,
         ), recorder
     search = study.search
+    # The base config: every trial gets it, with the searcher's choices laid over it.
+    param_space = study.trial.to_dict()
+    searcher = None
+    if search.searcher == "grid":  # Every combination of the choices; no searcher.
+        param_space |= {key: tune.grid_search(entry.choice) for key, entry in search.space.items()}
+    else:
+        searcher = make_searcher(search, options.results_dir, options.name)
     tuner = tune.Tuner(
         trainable,
-        # The base config: every trial gets it, with the searcher's choices laid over it.
-        param_space=study.trial.to_dict(),
+        param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=search.metric,
             mode=MODE,
-            search_alg=make_searcher(search, options.results_dir, options.name),
+            search_alg=searcher,
             scheduler=make_scheduler(search, study.trial.training.epochs),
             num_samples=search.num_samples,
             max_concurrent_trials=concurrent,
@@ -215,7 +221,7 @@ def _reporter(study: StudyConfig):
 
     short = {"loss.name": "loss", "optimizer.name": "optimizer"}
     return tune.CLIReporter(
-        metric_columns={"epoch": "epoch", "val_accuracy": "val_acc", "test_accuracy": "test_acc"},
+        metric_columns={"epoch": "epoch", "val_accuracy": "val_acc"},
         parameter_columns={key: short.get(key, key.split(".")[-1]) for key in study.search.space},
         max_report_frequency=30,
         max_column_length=32,
@@ -238,7 +244,6 @@ def best_per_loss(results_dir: Path) -> str:
         "loss.name",
         "trial_id",
         "best_val_accuracy",
-        "test_accuracy",
         "epochs_run",
         "status",
         "optimizer.name",
@@ -247,9 +252,11 @@ def best_per_loss(results_dir: Path) -> str:
     return best[[c for c in columns if c in best]].to_string(index=False)
 
 
-def resume_command(options: StudyOptions) -> str:
+def resume_command(options: StudyOptions, phase: str = "") -> str:
+    """The command that continues the study (or its `--confirm` phase)."""
     storage = "" if options.storage_path == "results" else f" --storage-path {options.storage_path}"
-    return f"python -m study.run --resume --name {options.name}{storage}"
+    words = ["python -m study.run", phase, "--resume", f"--name {options.name}{storage}"]
+    return " ".join(word for word in words if word)
 
 
 def run_study(study: StudyConfig, options: StudyOptions) -> int:
@@ -283,7 +290,7 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
         grid = tuner.fit()
     finally:
         ray.shutdown()
-    if grid.num_terminated + grid.num_errors < study.search.num_samples:
+    if grid.num_terminated + grid.num_errors < study.search.trial_count:
         print(f"interrupted; continue with: {resume_command(options)}", file=sys.stderr)
         return 130
     print(f"\nBest trial of each loss, by best {study.search.metric}:")

@@ -4,11 +4,14 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -102,13 +105,7 @@ def isolated_ray():
     try:
         yield {**os.environ, "RAY_TMPDIR": temp}
     finally:
-        marker = f"RAY_TMPDIR={temp}\0".encode()
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and marker in (proc / "environ").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except OSError:
-                continue
+        kill_marked("RAY_TMPDIR", temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -116,3 +113,77 @@ def isolated_ray():
 def ray_env():
     with isolated_ray() as env:
         yield env
+
+
+# Ray clusters started with `ray start`, and waiting on a study that runs elsewhere.
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster(ray_env):
+    """Starts Ray nodes with `ray start`; ray_env kills them (and only them) afterwards.
+    `marker` tags a node's processes (its environment) so that a test can kill that node."""
+
+    def start(*args, marker: str = ""):
+        # Nodes joining a cluster send its token only when told to (as on a real cluster).
+        env = {**ray_env, "RAY_AUTH_MODE": "token", "STUDY_TEST_NODE": marker}
+        done = subprocess.run(
+            [RAY, "start", *args, "--disable-usage-stats"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    return start
+
+
+def kill_marked(variable: str, value: str) -> int:
+    """SIGKILLs every process whose environment has VARIABLE=VALUE; returns how many."""
+    marker = f"{variable}={value}\0".encode()
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+        except OSError:
+            continue
+    return killed
+
+
+def wait_for_nodes(address: str, count: int, env: dict) -> None:
+    """`ray start` returns before a joining node has registered with the head."""
+    code = (
+        f"import ray, time; ray.init(address='{address}', log_to_driver=False)\n"
+        "for _ in range(120):\n"
+        f"    if sum(n['Alive'] for n in ray.nodes()) >= {count}: break\n"
+        "    time.sleep(1)\n"
+        "else: raise SystemExit(1)"
+    )
+    env = {**env, "RAY_AUTH_MODE": "token"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=180).returncode == 0
+
+
+def wait_for(predicate, timeout=300, interval=1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError("the study did not get there in time")
+
+
+def read_trials(folder: Path, name="trials.csv") -> pd.DataFrame:
+    """A study's table as it stands (it is replaced atomically, so always whole)."""
+    try:
+        return pd.read_csv(folder / name, dtype={"trial_id": str})
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame(columns=["trial_id", "status", "epochs_run"])

@@ -26,6 +26,14 @@ def test_seed_config_is_the_notebook():
     assert config.training.batch_size == 64
     assert config.loss.head == "softmax"
     assert config.data.validation == "test"
+    # As a study: a grid over the notebook's three losses, every run to the end.
+    search = load_study(CONFIGS / "seed.yaml").search
+    assert (search.searcher, search.scheduler, search.trial_count) == ("grid", "fifo", 3)
+    assert set(search.space["loss.name"].choice) == {
+        "categorical_crossentropy",
+        "mean_squared_logarithmic_error",
+        "hinge",
+    }
 
 
 def test_smoke_config_is_small():
@@ -51,7 +59,7 @@ def test_overrides_are_typed_by_yaml():
 
 
 def test_resolved_config_round_trips():
-    config = load_config(CONFIGS / "seed.yaml", ["loss.name=hinge"])
+    config = load_study(CONFIGS / "seed.yaml", ["loss.name=hinge"]).trial
     assert validate(config.to_dict()) == config
 
 

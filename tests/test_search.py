@@ -108,7 +108,8 @@ def test_scheduler_runs_on_epochs():
     [
         ("search.num_samples=0", "search.num_samples"),
         ("search.metric=val_loss", "search.metric: unknown metric 'val_loss'"),
-        ("search.searcher=grid", "search.searcher"),
+        ("search.searcher=grid", "search.space.optimizer.learning_rate: the grid searcher"),
+        ("search.searcher=annealing", "search.searcher"),
         ("search.space.model.width={uniform: [0, 1]}", "search.space.model.width"),
         ("search.space.model.depth={choice: [1, 2]}", "unknown key 'model.depth'"),
         ("search.space.optimizer.name={choice: [adagrad]}", "unknown optimizer 'adagrad'"),

@@ -5,10 +5,8 @@ Slow (each starts Ray): about a minute per study on 2 cores.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -16,7 +14,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from .conftest import REPO, run_cli, study_args, write_study_config
+from .conftest import (
+    REPO,
+    free_port,
+    read_trials,
+    run_cli,
+    study_args,
+    wait_for,
+    wait_for_nodes,
+    write_study_config,
+)
 
 pytestmark = pytest.mark.study
 RAY = str(Path(sys.executable).parent / "ray")
@@ -35,12 +42,6 @@ def run_study(config, data, storage, name, *args, env, timeout=600):
     return run_cli(
         "study.run", *study_args(config, data, storage, name), *args, env=env, timeout=timeout
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _max_overlap(trials: pd.DataFrame) -> int:
@@ -72,9 +73,7 @@ def test_study_searches_stops_early_and_writes_its_tables(
         rows = epochs[epochs.trial_id == trial.trial_id]
         assert rows.epoch.tolist() == list(range(1, trial.epochs_run + 1))
         assert trial.best_val_accuracy == pytest.approx(rows.val_accuracy.max())
-    finished = trials.status == "completed"
-    assert trials.loc[finished, "test_accuracy"].notna().all()
-    assert trials.loc[~finished, "test_accuracy"].isna().all()
+    assert "test_accuracy" not in trials  # The search never touches the test set.
     # The notebook's baseline ran first; then Optuna proposed other configurations.
     first = trials.sort_values("started_at").iloc[0]
     assert (first["loss.name"], first["optimizer.name"]) == ("categorical_crossentropy", "adam")
@@ -93,42 +92,10 @@ def test_study_searches_stops_early_and_writes_its_tables(
         assert loss in result.stdout
 
 
-@pytest.fixture
-def ray_cluster(ray_env):
-    """Starts Ray nodes with `ray start`; ray_env kills them (and only them) afterwards."""
-
-    def start(*args):
-        # Nodes joining a cluster send its token only when told to (as on a real cluster).
-        env = {**ray_env, "RAY_AUTH_MODE": "token"}
-        done = subprocess.run(
-            [RAY, "start", *args, "--disable-usage-stats"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-
-    return start
-
-
-def _wait_for_nodes(address: str, count: int, env: dict) -> None:
-    """`ray start` returns before a joining node has registered with the head."""
-    code = (
-        f"import ray, time; ray.init(address='{address}', log_to_driver=False)\n"
-        "for _ in range(120):\n"
-        f"    if sum(n['Alive'] for n in ray.nodes()) >= {count}: break\n"
-        "    time.sleep(1)\n"
-        "else: raise SystemExit(1)"
-    )
-    env = {**env, "RAY_AUTH_MODE": "token"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=180).returncode == 0
-
-
 def test_logical_gpus_set_concurrency_and_devices(
     tmp_path, study_config, cifar10_tarball, ray_cluster, ray_env
 ):
-    port = _free_port()
+    port = free_port()
     ray_cluster(
         "--head", f"--port={port}", "--num-cpus=8", "--num-gpus=4", "--include-dashboard=false"
     )
@@ -173,18 +140,18 @@ def test_logical_gpus_set_concurrency_and_devices(
 def test_two_node_cluster_runs_trials_on_both(
     tmp_path, study_config, cifar10_tarball, ray_cluster, ray_env
 ):
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     ray_cluster("--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false")
     ray_cluster(
         f"--address={address}",
         "--num-cpus=1",
-        f"--node-manager-port={_free_port()}",
-        f"--object-manager-port={_free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
         "--min-worker-port=20000",
         "--max-worker-port=20999",
     )
-    _wait_for_nodes(address, 2, ray_env)
+    wait_for_nodes(address, 2, ray_env)
     config = study_config(num_samples=4, scheduler="fifo")
     result = run_study(
         config, cifar10_tarball, tmp_path, "nodes", "--address", address, env=ray_env
@@ -192,22 +159,6 @@ def test_two_node_cluster_runs_trials_on_both(
     assert result.returncode == 0, result.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "nodes" / "trials.csv")
     assert trials.node_id.nunique() == 2
-
-
-def _wait_for(predicate, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    raise TimeoutError("the study did not get there in time")
-
-
-def _trials(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path / "trials.csv")
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        return pd.DataFrame(columns=["status", "epochs_run"])
 
 
 def test_killed_study_resumes_without_losing_or_repeating_work(
@@ -232,13 +183,13 @@ def test_killed_study_resumes_without_losing_or_repeating_work(
         env=ray_env,
     )
     try:
-        _wait_for(
+        wait_for(
             lambda: (
-                ((t := _trials(folder)).status == "completed").sum() >= 1
+                ((t := read_trials(folder)).status == "completed").sum() >= 1
                 and ((t.status == "running") & (t.epochs_run >= 2)).any()
             )
         )
-        before = _trials(folder)
+        before = read_trials(folder)
         epochs_before = pd.read_csv(folder / "epochs.csv")
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
@@ -266,7 +217,7 @@ def test_killed_study_resumes_without_losing_or_repeating_work(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "only resume studies from folders you trust" in result.stderr
-    after = _trials(folder)
+    after = read_trials(folder)
     epochs = pd.read_csv(folder / "epochs.csv")
     assert len(after) == 5 and set(after.status) == {"completed"}
     # Nothing reported before the kill was lost.

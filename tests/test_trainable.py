@@ -98,6 +98,27 @@ def test_resume_continues_at_the_right_epoch(cifar10):
     assert outcome.status == "completed" and "test_accuracy" in resumed.reports[-1][0]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_unreadable_checkpoint_warns_and_restarts_from_scratch(tmp_path, cifar10, damage, capfd):
+    config = load_config(None, [*TINY, "training.epochs=2"])
+    first = RecordingSink()
+    train_and_evaluate(config, cifar10, first)
+    checkpoint = first.reports[0][1]
+    model_file = checkpoint / "model.keras"
+    if damage == "truncated":
+        model_file.write_bytes(model_file.read_bytes()[:1000])
+    else:
+        model_file.unlink()
+        (checkpoint / "state.json").unlink()
+    again = RecordingSink()
+    outcome = train_and_evaluate(config, cifar10, again, checkpoint)
+    assert outcome.status == "completed"
+    reports = [metrics for metrics, _ in again.reports]
+    assert [metrics["epoch"] for metrics in reports] == [1, 2]  # From scratch, once.
+    assert "restarted from scratch" in reports[0]["warning"] and "warning" not in reports[1]
+    assert "warning: checkpoint" in capfd.readouterr().err
+
+
 def test_divergence_ends_the_trial_with_a_status(cifar10):
     config = load_config(
         None,

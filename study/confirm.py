@@ -1,0 +1,289 @@
+"""The confirmation phase: re-train each loss's best configurations over seeds, then test.
+
+A search ranks trials by one noisy run each, on the validation split. For every loss in a
+finished study this takes its best full-budget configurations by validation accuracy,
+re-trains each with several seeds at the full epoch budget as Ray Tune trials (same
+resources, checkpoints, retries and resume as the search) and evaluates each once on the
+test set, which nothing before has touched. Results go beside the study's own files:
+`confirm.csv` (one row per run) and `confirm/` (Ray's experiment, its trials and epochs).
+"""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from study import data as data_lib
+from study import results, stats
+from study.config import METRIC, MODE, ConfigError, row_config, validate
+from study.search_config import StudyConfig, load_study
+from study.tuning import (
+    CONFIG_FILE,
+    StudyOptions,
+    check_cluster,
+    check_options,
+    connect,
+    resources,
+    resume_command,
+)
+
+CONFIRM_DIR = "confirm"
+CONFIRM_FILE = "confirm.csv"
+COLUMNS = [
+    "loss",
+    "config_id",
+    "seed",
+    "trial_id",
+    "status",
+    "epochs",
+    "val_accuracy",
+    "val_loss",
+    "test_accuracy",
+    "test_loss",
+]
+REFERENCE_LOSS = "categorical_crossentropy"
+
+
+def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[list[dict], list]:
+    """Each loss's best `top_per_loss` full-budget trials by validation accuracy, as
+    candidates {loss, config_id, config}; and notes on losses left out."""
+    trials_file = results_dir / "trials.csv"
+    if not trials_file.is_file():
+        raise ConfigError(f"--confirm: {results_dir} holds no trials.csv; run the study first")
+    trials = pd.read_csv(trials_file, dtype={"trial_id": str})
+    epochs = study.trial.training.epochs
+    full = trials[(trials.status == "completed") & (trials.epochs_run >= epochs)]
+    full = full.dropna(subset=[f"best_{METRIC}"])
+    notes = []
+    unfinished = trials.status.isin(["pending", "running", "restarting"]).sum()
+    if unfinished:
+        notes.append(f"{unfinished} trials of the study had not finished; resume it first?")
+    base = study.trial.to_dict()
+    candidates = []
+    for loss in dict.fromkeys(trials["loss.name"]):
+        ranked = full[full["loss.name"] == loss].sort_values(f"best_{METRIC}", ascending=False)
+        if ranked.empty:
+            notes.append(f"{loss}: no trial ran all {epochs} epochs; not confirmed")
+            continue
+        for _, row in ranked.head(top_per_loss).iterrows():
+            config = validate(row_config(base, row)).to_dict()
+            candidates.append({"loss": loss, "config_id": row.trial_id, "config": config})
+    if not candidates:
+        raise ConfigError(f"--confirm: no trial in {results_dir} ran the full {epochs} epochs")
+    return candidates, notes
+
+
+def confirm_function(params, data):
+    """One confirmation run, in its Ray worker: a candidate's config with a new seed."""
+    from study.trainable import run_tune_trial
+
+    raw = {**params["candidate"]["config"], "seed": params["seed"]}
+    run_tune_trial(validate(raw), data, evaluate_test=True)
+
+
+def _recorder_class():
+    from study.records import StudyRecorder
+
+    class ConfirmRecorder(StudyRecorder):
+        """The study's recorder, keyed by candidate and seed; also keeps confirm.csv."""
+
+        def _row(self, trial) -> dict:
+            if trial.trial_id not in self.trials:
+                candidate = trial.config["candidate"]
+                self.trials[trial.trial_id] = {
+                    "trial_id": trial.trial_id,
+                    "loss": candidate["loss"],
+                    "config_id": candidate["config_id"],
+                    "seed": trial.config["seed"],
+                    "status": "pending",
+                    "epochs_run": 0,
+                    "restarts": 0,
+                }
+            return self.trials[trial.trial_id]
+
+        # Tune saves its experiment state every few seconds, so after a killed driver it
+        # may run a finished run's last epochs again: the first result recorded stands.
+        def _finished(self, trial) -> bool:
+            return "test_accuracy" in self.trials.get(trial.trial_id, {})
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if not self._finished(trial):
+                super().on_trial_start(iteration, trials, trial, **info)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not self._finished(trial):
+                super().on_trial_result(iteration, trials, trial, result, **info)
+
+        def _save(self) -> None:
+            super()._save()
+            results.write_csv(self.results_dir.parent / CONFIRM_FILE, confirm_rows(self.trials))
+
+    return ConfirmRecorder
+
+
+def confirm_rows(trials: dict[str, dict]) -> list[dict]:
+    renamed = {"epochs_run": "epochs", "last_val_accuracy": "val_accuracy"}
+    renamed["last_val_loss"] = "val_loss"
+    rows = []
+    for trial in trials.values():
+        row = {renamed.get(key, key): value for key, value in trial.items()}
+        rows.append({column: row.get(column) for column in COLUMNS})
+    return rows
+
+
+def summary(confirm: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per loss: its configuration with the best mean validation accuracy over seeds, and
+    that configuration's mean test accuracy with a 95% t interval. Then each loss's
+    difference to cross-entropy (or to the best loss), with Welch's interval."""
+    done = confirm[confirm.status == "completed"].dropna(subset=["test_accuracy"])
+    rows, runs = [], {}
+    for loss, group in done.groupby("loss", sort=False):
+        by_config = group.groupby("config_id", sort=False).val_accuracy.mean()
+        config_id = by_config.idxmax()  # Chosen by validation: the test set only reports.
+        chosen = group[group.config_id == config_id]
+        mean, low, high = stats.mean_interval(chosen.test_accuracy)
+        runs[loss] = chosen.test_accuracy.to_numpy()
+        rows.append(
+            {
+                "loss": loss,
+                "config_id": config_id,
+                "seeds": len(chosen),
+                "mean_val_accuracy": chosen.val_accuracy.mean(),
+                "mean_test_accuracy": mean,
+                "ci_low": low,
+                "ci_high": high,
+            }
+        )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table, pd.DataFrame()
+    table = table.sort_values("mean_test_accuracy", ascending=False, ignore_index=True)
+    reference = REFERENCE_LOSS if REFERENCE_LOSS in runs else table.loss.iloc[0]
+    differences = []
+    for loss in table.loss:
+        if loss == reference:
+            continue
+        difference, low, high, p = stats.welch_difference(runs[loss], runs[reference])
+        resolved = bool(low > 0 or high < 0)  # NaN compares False: not resolved.
+        differences.append(
+            {
+                "loss": loss,
+                "versus": reference,
+                "difference": difference,
+                "ci_low": low,
+                "ci_high": high,
+                "p_value": p,
+                "resolved": resolved,
+            }
+        )
+    return table, pd.DataFrame(differences)
+
+
+def format_summary(table: pd.DataFrame, differences: pd.DataFrame) -> str:
+    if table.empty:
+        return "no confirmation run has finished"
+    lines = [f"Test accuracy per loss, mean over seeds with its {stats.LEVEL:.0%} interval:"]
+    for row in table.itertuples():
+        lines.append(
+            f"  {row.loss:32s} {row.mean_test_accuracy:.4f}  [{row.ci_low:.4f}, "
+            f"{row.ci_high:.4f}]  {row.seeds} seeds, config {row.config_id}"
+        )
+    for row in differences.itertuples():
+        verdict = "resolved" if row.resolved else "not resolved (the interval holds 0)"
+        lines.append(
+            f"  {row.loss} - {row.versus}: {row.difference:+.4f} [{row.ci_low:+.4f}, "
+            f"{row.ci_high:+.4f}] (Welch), {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
+    """Runs (or resumes) the confirmation of the finished study `options.name`."""
+    check_options(options)
+    if seeds < 2:
+        raise ConfigError(f"--seeds: {seeds}; at least 2 for a confidence interval")
+    if top_per_loss < 1:
+        raise ConfigError(f"--top-per-loss: {top_per_loss}; must be >= 1")
+    results_dir = options.results_dir
+    if not (results_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"--name: no study at {results_dir} (no {CONFIG_FILE})")
+    study = load_study(results_dir / CONFIG_FILE)
+    confirm_dir = results_dir / CONFIRM_DIR
+    if options.resume and not confirm_dir.is_dir():
+        raise ConfigError(f"--resume: {results_dir} has no confirmation to continue")
+    if not options.resume and confirm_dir.exists():
+        raise ConfigError(f"--confirm: {confirm_dir} exists; add --resume to continue it")
+    candidates, notes = select(study, results_dir, top_per_loss)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    config = study.trial.data
+    data_lib.resolve_path(config.dataset, config.data_dir)
+    data = data_lib.load_cifar(config.dataset, config.data_dir, config.label_mode)
+    per_trial, concurrent = resources(study, options)
+    connect(options)
+    import ray
+
+    try:
+        check_cluster(options, per_trial)
+        tuner = _tuner(study, options, data, candidates, list(range(1, seeds + 1)))
+        print(f"confirming {len(candidates)} configurations x {seeds} seeds in {confirm_dir}")
+        grid = tuner.fit()
+    finally:
+        ray.shutdown()
+    if grid.num_terminated + grid.num_errors < len(candidates) * seeds:
+        command = resume_command(options, "--confirm")
+        print(f"interrupted; continue with: {command}", file=sys.stderr)
+        return 130
+    confirm = pd.read_csv(results_dir / CONFIRM_FILE, dtype={"config_id": str, "trial_id": str})
+    print("\n" + format_summary(*summary(confirm)))
+    print(f"results: {results_dir / CONFIRM_FILE}")
+    return 0
+
+
+def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds):
+    from ray import tune
+
+    from study.search import trial_dirname
+
+    per_trial, concurrent = resources(study, options)
+    trainable = tune.with_resources(tune.with_parameters(confirm_function, data=data), per_trial)
+    confirm_dir = options.results_dir / CONFIRM_DIR
+    recorder = _recorder_class()(confirm_dir, study.trial.training.epochs)
+    # Beside the study's own experiment: <storage>/<name>/confirm.
+    storage = options.experiment_path
+    if options.resume:
+        return tune.Tuner.restore(
+            f"{storage}/{CONFIRM_DIR}",
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space={"candidate": tune.grid_search(candidates), "seed": tune.grid_search(seeds)},
+        tune_config=tune.TuneConfig(
+            metric=study.search.metric,
+            mode=MODE,
+            max_concurrent_trials=concurrent,
+            trial_dirname_creator=trial_dirname,
+            trial_name_creator=trial_dirname,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=CONFIRM_DIR,
+            storage_path=storage,
+            callbacks=[recorder],
+            failure_config=tune.FailureConfig(max_failures=study.search.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=study.search.keep_checkpoints),
+            progress_reporter=tune.CLIReporter(
+                metric_columns={"epoch": "epoch", METRIC: "val_acc", "test_accuracy": "test_acc"},
+                parameter_columns={
+                    "candidate/loss": "loss",
+                    "candidate/config_id": "config",
+                    "seed": "seed",
+                },
+                max_report_frequency=30,
+            ),
+            verbose=1,
+        ),
+    )

@@ -1,0 +1,38 @@
+"""Confidence intervals for the confirmation phase: Student's t for a mean, Welch for a
+difference of two means.
+
+Welch rather than a paired test: the losses' best configurations differ in optimizer,
+learning rate and batch size, so runs that share a seed do not share a data order or an
+initialisation and are not matched pairs; Welch also does not assume equal variances.
+"""
+
+import math
+
+import numpy as np
+from scipy import stats
+
+LEVEL = 0.95
+
+
+def mean_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
+    """The mean and its two-sided t interval; the interval is NaN with fewer than 2 values."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean()) if len(values) else math.nan
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    sem = values.std(ddof=1) / math.sqrt(len(values))
+    if sem == 0:
+        return mean, mean, mean
+    low, high = stats.t.interval(level, len(values) - 1, loc=mean, scale=sem)
+    return mean, float(low), float(high)
+
+
+def welch_difference(a, b, level: float = LEVEL) -> tuple[float, float, float, float]:
+    """mean(a) - mean(b), its Welch interval and two-sided p-value (NaN if either has < 2)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    difference = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
+        return difference, math.nan, math.nan, math.nan
+    test = stats.ttest_ind(a, b, equal_var=False)
+    low, high = test.confidence_interval(level)
+    return difference, float(low), float(high), float(test.pvalue)

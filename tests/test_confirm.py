@@ -1,0 +1,206 @@
+"""The confirmation phase: which configurations it picks, its intervals against a reference
+computation, and a real run (study, then confirmation killed and resumed) on generated data."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from study import confirm
+from study.config import ConfigError
+from study.search_config import load_study
+
+from .conftest import REPO, run_cli
+
+T_975 = {1: 12.706204736174698, 2: 4.302652729749464}  # Student's t, 97.5th percentile.
+
+
+def _confirm_frame(runs: dict[str, list[float]], config_id="a") -> pd.DataFrame:
+    rows = []
+    for loss, accuracies in runs.items():
+        for seed, accuracy in enumerate(accuracies, start=1):
+            rows.append(
+                {
+                    "loss": loss,
+                    "config_id": config_id,
+                    "seed": seed,
+                    "trial_id": f"{loss}-{seed}",
+                    "status": "completed",
+                    "epochs": 2,
+                    "val_accuracy": accuracy + 0.01,
+                    "val_loss": 1.0,
+                    "test_accuracy": accuracy,
+                    "test_loss": 1.0,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_intervals_match_a_reference_computation():
+    runs = {
+        "categorical_crossentropy": [0.50, 0.53, 0.52],
+        "hinge": [0.10, 0.09, 0.12],
+        "focal": [0.515, 0.52, 0.50],
+    }
+    table, differences = confirm.summary(_confirm_frame(runs))
+    table = table.set_index("loss")
+    for loss, values in runs.items():
+        mean, sd = np.mean(values), np.std(values, ddof=1)
+        half = T_975[2] * sd / math.sqrt(3)
+        assert table.loc[loss, "mean_test_accuracy"] == pytest.approx(mean)
+        assert table.loc[loss, "ci_low"] == pytest.approx(mean - half)
+        assert table.loc[loss, "ci_high"] == pytest.approx(mean + half)
+    differences = differences.set_index("loss")
+    assert set(differences.versus) == {"categorical_crossentropy"}
+    reference = runs["categorical_crossentropy"]
+    for loss in ("hinge", "focal"):
+        a, b = runs[loss], reference
+        va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3
+        df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)  # Welch-Satterthwaite
+        half = scipy_stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+        difference = np.mean(a) - np.mean(b)
+        assert differences.loc[loss, "difference"] == pytest.approx(difference)
+        assert differences.loc[loss, "ci_low"] == pytest.approx(difference - half)
+        assert differences.loc[loss, "ci_high"] == pytest.approx(difference + half)
+    # Hinge is far worse: resolved. Focal is within noise of cross-entropy: not resolved.
+    assert differences.loc["hinge", "resolved"] and not differences.loc["focal", "resolved"]
+    text = confirm.format_summary(*confirm.summary(_confirm_frame(runs)))
+    assert "hinge - categorical_crossentropy" in text and "not resolved" in text
+
+
+def test_each_loss_keeps_the_configuration_best_on_validation():
+    frame = pd.concat(
+        [
+            _confirm_frame({"hinge": [0.2, 0.2]}, "good"),
+            _confirm_frame({"hinge": [0.3, 0.3]}, "bad").assign(val_accuracy=0.1),
+        ]
+    )
+    table, _ = confirm.summary(frame)
+    # "bad" tests better, but the choice is made on validation, never on the test set.
+    assert table.config_id.tolist() == ["good"]
+    assert table.mean_test_accuracy.iloc[0] == pytest.approx(0.2)
+
+
+def test_selection_takes_full_budget_trials_by_validation(tmp_path):
+    study = load_study(None, ["training.epochs=4"])
+    base = {"loss.name": "categorical_crossentropy", "optimizer.learning_rate": 1e-3}
+    trials = pd.DataFrame(
+        [
+            {**base, "trial_id": "a", "status": "completed", "epochs_run": 4},
+            {**base, "trial_id": "b", "status": "completed", "epochs_run": 4},
+            {**base, "trial_id": "c", "status": "early_stopped", "epochs_run": 2},
+            {**base, "loss.name": "hinge", "trial_id": "d", "status": "early_stopped"},
+        ]
+    ).assign(best_val_accuracy=[0.4, 0.5, 0.9, 0.3], epochs_run=[4, 4, 2, 1])
+    trials.loc[1, "optimizer.learning_rate"] = 3e-4
+    trials.to_csv(tmp_path / "trials.csv", index=False)
+    candidates, notes = confirm.select(study, tmp_path, top_per_loss=1)
+    assert [c["config_id"] for c in candidates] == ["b"]
+    assert candidates[0]["config"]["optimizer"]["learning_rate"] == pytest.approx(3e-4)
+    assert notes == ["hinge: no trial ran all 4 epochs; not confirmed"]
+    two, _ = confirm.select(study, tmp_path, top_per_loss=2)
+    assert [c["config_id"] for c in two] == ["b", "a"]
+    trials.assign(epochs_run=1).to_csv(tmp_path / "trials.csv", index=False)
+    with pytest.raises(ConfigError, match="no trial .* ran the full 4 epochs"):
+        confirm.select(study, tmp_path, top_per_loss=1)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--confirm"], "error: --confirm: name the finished study with --name"),
+        (["--confirm", "--name", "nope"], "error: --name: no study at"),
+        (["--confirm", "--name", "x", "--set", "seed=1"], "error: --confirm: uses the study's"),
+    ],
+)
+def test_confirm_refuses_bad_input(tmp_path, args, expected):
+    result = run_cli("study.run", *args, "--storage-path", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(expected)
+
+
+def _wait_for(predicate, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError("timed out waiting for the confirmation to progress")
+
+
+def _finished_runs(path) -> int:
+    try:
+        return (pd.read_csv(path).status == "completed").sum()
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return 0
+
+
+@pytest.mark.study
+def test_seed_grid_then_confirmation_killed_and_resumed(tmp_path, cifar100_tarball, ray_env):
+    """configs/seed.yaml as a grid study over 2 of its losses (narrow, 2 epochs), then
+    2 losses x 2 seeds of confirmation, its driver killed after the first run, resumed."""
+    tiny = [
+        "--set", "model.width=0.0625", "--set", "training.epochs=2",
+        "--set", "training.batch_size=50", "--set", "training.eval_batch_size=200",
+        "--set", "search.space.loss.name={choice: [categorical_crossentropy, hinge]}",
+    ]  # fmt: skip
+    common = ["--storage-path", tmp_path, "--name", "seed", "--no-dashboard"]
+    study = run_cli(
+        "study.run", "--config", REPO / "configs/seed.yaml", "--data-dir", cifar100_tarball,
+        *tiny, *common, env=ray_env,
+    )  # fmt: skip
+    assert study.returncode == 0, study.stderr[-3000:]
+    folder = tmp_path / "seed"
+    trials = pd.read_csv(folder / "trials.csv")
+    assert sorted(trials["loss.name"]) == ["categorical_crossentropy", "hinge"]
+    assert set(trials.status) == {"completed"} and set(trials.epochs_run) == {2}
+
+    command = [sys.executable, "-m", "study.run", "--confirm", "--seeds", "2", *map(str, common)]
+    driver = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=ray_env,
+    )
+    try:
+        _wait_for(lambda: _finished_runs(folder / "confirm.csv") >= 1)
+        before = pd.read_csv(folder / "confirm.csv", dtype={"trial_id": str})
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert _finished_runs(folder / "confirm.csv") < 4, "killed too late to test the resume"
+
+    again = run_cli("study.run", "--confirm", "--seeds", "2", *common, env=ray_env)
+    assert again.returncode == 2 and "add --resume to continue it" in again.stderr
+    resumed = run_cli("study.run", "--confirm", "--resume", "--seeds", "2", *common, env=ray_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    runs = pd.read_csv(folder / "confirm.csv", dtype={"trial_id": str, "config_id": str})
+    assert list(runs.columns) == confirm.COLUMNS
+    assert len(runs) == 4 and set(runs.status) == {"completed"}
+    assert set(runs.epochs) == {2}
+    assert runs.groupby("loss").seed.apply(sorted).tolist() == [[1, 2], [1, 2]]
+    assert runs.test_accuracy.between(0, 1).all() and runs.val_accuracy.between(0, 1).all()
+    # Each loss's configuration is its grid trial; the runs finished before the kill stand.
+    ids = dict(zip(trials["loss.name"], trials.trial_id.astype(str), strict=True))
+    assert all(ids[row.loss] == row.config_id for row in runs.itertuples())
+    done = before[before.status == "completed"]
+    kept = runs.merge(done, on=["trial_id", "test_accuracy"])
+    assert len(kept) == len(done)
+    # The printed table is the reference computation over confirm.csv.
+    for loss, group in runs.groupby("loss"):
+        values = group.test_accuracy.to_numpy()
+        mean = values.mean()
+        half = T_975[1] * values.std(ddof=1) / math.sqrt(2)
+        assert f"{loss:32s} {mean:.4f}  [{mean - half:.4f}, {mean + half:.4f}]" in resumed.stdout
