@@ -16,8 +16,16 @@ from pathlib import Path
 import numpy as np
 
 
+def one_line(text: str) -> str:
+    """Escapes what would break a message over lines: file names and keys come from users."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
 class DataError(ValueError):
     """A data file that cannot be used; the message is one line naming the file."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
@@ -139,23 +147,29 @@ def _read_members(path: Path, source: Source) -> dict[str, bytes]:
         missing = [name for name in names if not (path / name).is_file()]
         if missing:
             raise DataError(f"{path}: missing {', '.join(missing)} of the {source.folder} set")
-        return {name: (path / name).read_bytes() for name in names}
+        try:
+            return {name: (path / name).read_bytes() for name in names}
+        except OSError as error:
+            raise DataError(f"{error.filename}: cannot read ({error.strerror})") from None
     blobs = {}
     try:
         with tarfile.open(path, "r:gz") as archive:
             for name in names:
                 try:
-                    member = archive.extractfile(f"{source.folder}/{name}")
+                    info = archive.getmember(f"{source.folder}/{name}")
                 except KeyError:
                     raise DataError(
                         f"{path}: no member {source.folder}/{name}; is it the official "
                         f"{source.filename}?"
                     ) from None
-                if member is None:
-                    raise DataError(f"{path}: {source.folder}/{name} is not a file")
-                blobs[name] = member.read()
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error, OSError) as error:
+                # Links could point anywhere; the official files hold regular files only.
+                if not info.isfile():
+                    raise DataError(f"{path}: {info.name} is not a regular file")
+                blobs[name] = archive.extractfile(info).read()
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise DataError(f"{path}: truncated or not a gzip tarball ({error})") from None
+    except OSError as error:  # Unreadable: permissions, a device error.
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from None
     return blobs
 
 
@@ -175,8 +189,9 @@ def _labels(batch: dict, key: str, count: int, num_classes: int, where: str) -> 
     labels = np.asarray(batch[key])
     if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: '{key}' must be {count} integers, one per image")
-    if count and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{where}: labels must lie in [0, {num_classes}), found {labels.max()}")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if len(outside):
+        raise DataError(f"{where}: labels must lie in [0, {num_classes}), found {outside[0]}")
     return labels.astype(np.int32)
 
 
@@ -201,7 +216,8 @@ def _decode(blobs: dict[str, bytes], source: Source, label_mode: str, where: Pat
     names = batch(source.meta_member).get(source.name_keys[label_mode])
     if not isinstance(names, list) or len(names) != source.num_classes[label_mode]:
         raise DataError(f"{where}: meta must list {source.num_classes[label_mode]} class names")
-    class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    # Latin-1 decodes any bytes; the official names are ASCII.
+    class_names = tuple(n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names)
     return CifarData(
         x_train=np.concatenate([images for images, _ in train]),
         y_train=np.concatenate([labels for _, labels in train]),
