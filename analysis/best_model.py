@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.results import AnalysisError
 from study import data as data_lib
 
 
@@ -25,7 +26,11 @@ def load_splits(config: dict, data_dir: str | None = None) -> data_lib.Splits:
 def predict(model_path: Path, images: np.ndarray, batch_size=512) -> np.ndarray:
     import keras
 
-    model = keras.models.load_model(model_path, safe_mode=True, compile=False)
+    try:
+        model = keras.models.load_model(model_path, safe_mode=True, compile=False)
+    except ValueError as error:  # Safe mode refuses a checkpoint that carries code.
+        reason = " ".join(str(error).split())
+        raise AnalysisError(f"{model_path}: not loaded: {reason}") from None
     scores = model.predict(images.astype("float32") / 255.0, batch_size=batch_size, verbose=0)
     return scores.argmax(axis=1)
 

@@ -79,7 +79,11 @@ def _best_trial_section(results: StudyResults, out: Path, data_dir, lines: list[
         lines.append(f"\n_No per-class results: the data could not be read ({error})._")
         return
     # The validation split it was chosen on: the test set is the confirmation's alone.
-    predictions = best_model.predict(checkpoint, splits.x_val)
+    try:
+        predictions = best_model.predict(checkpoint, splits.x_val)
+    except AnalysisError as error:
+        lines.append(f"\n_No per-class results: {error}._")
+        return
     per_class = best_model.per_class_accuracy(splits.y_val, predictions, splits.class_names)
     per_class.to_csv(out / "per_class_accuracy.csv", index=False)
     accuracy = (predictions == splits.y_val).mean()

@@ -47,7 +47,8 @@ def _flatten(tree: dict, prefix="") -> dict:
 def _read(path: Path) -> list[dict]:
     if not path.exists() or path.stat().st_size == 0:
         return []
-    frame = pd.read_csv(path, dtype={"trial_id": str})
+    # Ids like 12345_00000 would otherwise parse as numbers (Python allows "_" in ints).
+    frame = pd.read_csv(path, dtype={"trial_id": str, "config_id": str})
     return [{k: v for k, v in row.items() if pd.notna(v)} for row in frame.to_dict("records")]
 
 

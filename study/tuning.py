@@ -233,7 +233,7 @@ def best_per_loss(results_dir: Path) -> str:
     """The final table: the best trial of each loss by validation accuracy."""
     import pandas as pd
 
-    trials = pd.read_csv(results_dir / "trials.csv")
+    trials = pd.read_csv(results_dir / "trials.csv", dtype={"trial_id": str})
     if "best_val_accuracy" not in trials or trials["best_val_accuracy"].isna().all():
         return "no trial reported a result"
     ranked = trials.dropna(subset=["best_val_accuracy"]).sort_values(

@@ -158,7 +158,7 @@ def test_seed_grid_then_confirmation_killed_and_resumed(tmp_path, cifar100_tarba
     )  # fmt: skip
     assert study.returncode == 0, study.stderr[-3000:]
     folder = tmp_path / "seed"
-    trials = pd.read_csv(folder / "trials.csv")
+    trials = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
     assert sorted(trials["loss.name"]) == ["categorical_crossentropy", "hinge"]
     assert set(trials.status) == {"completed"} and set(trials.epochs_run) == {2}
 
@@ -193,7 +193,7 @@ def test_seed_grid_then_confirmation_killed_and_resumed(tmp_path, cifar100_tarba
     assert runs.groupby("loss").seed.apply(sorted).tolist() == [[1, 2], [1, 2]]
     assert runs.test_accuracy.between(0, 1).all() and runs.val_accuracy.between(0, 1).all()
     # Each loss's configuration is its grid trial; the runs finished before the kill stand.
-    ids = dict(zip(trials["loss.name"], trials.trial_id.astype(str), strict=True))
+    ids = dict(zip(trials["loss.name"], trials.trial_id, strict=True))
     assert all(ids[row.loss] == row.config_id for row in runs.itertuples())
     done = before[before.status == "completed"]
     kept = runs.merge(done, on=["trial_id", "test_accuracy"])

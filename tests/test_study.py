@@ -61,8 +61,8 @@ def test_study_searches_stops_early_and_writes_its_tables(
     assert "Ray dashboard: http://127.0.0.1:" in result.stdout
     assert "ray get-auth-token" in result.stdout
     folder = tmp_path / "tiny"
-    trials = pd.read_csv(folder / "trials.csv")
-    epochs = pd.read_csv(folder / "epochs.csv")
+    trials = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
+    epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
     assert len(trials) == 6 and trials.trial_id.is_unique
     assert set(trials.status) <= {"completed", "early_stopped"}
     # ASHA stopped some trials: fewer epochs than running all six to the end.
@@ -161,21 +161,41 @@ def test_two_node_cluster_runs_trials_on_both(
     assert trials.node_id.nunique() == 2
 
 
-def test_killed_study_resumes_without_losing_or_repeating_work(
+def test_interrupted_then_killed_study_resumes_without_losing_or_repeating_work(
     tmp_path, study_config, cifar10_tarball, ray_env
 ):
     config = study_config(num_samples=5, scheduler="fifo")
     folder = tmp_path / "killed"
+    resume = [
+        sys.executable, "-m", "study.run", "--resume", "--name", "killed",
+        "--storage-path", str(tmp_path), "--no-dashboard",
+    ]  # fmt: skip
+
+    # Ctrl-C (SIGINT to the driver's process group): a clean stop that says how to resume.
+    log = tmp_path / "interrupted.log"
+    with open(log, "w") as output:
+        driver = subprocess.Popen(
+            study_command(
+                config, cifar10_tarball, tmp_path, "killed", "--no-dashboard",
+                "--set", "training.epochs=6",
+            ),
+            cwd=REPO, stdout=output, stderr=output, start_new_session=True, env=ray_env,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: (read_trials(folder).epochs_run >= 1).any(), interval=0.2)
+            os.killpg(driver.pid, signal.SIGINT)
+            assert driver.wait(timeout=120) == 130
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    command = f"python -m study.run --resume --name killed --storage-path {tmp_path}"
+    assert f"interrupted; continue with: {command}" in log.read_text()
+    epochs_interrupted = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
+    assert len(epochs_interrupted) >= 1
+
+    # Resumed, then SIGKILLed: no chance to clean up at all.
     driver = subprocess.Popen(
-        study_command(
-            config,
-            cifar10_tarball,
-            tmp_path,
-            "killed",
-            "--no-dashboard",
-            "--set",
-            "training.epochs=6",
-        ),
+        resume,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -190,7 +210,7 @@ def test_killed_study_resumes_without_losing_or_repeating_work(
             )
         )
         before = read_trials(folder)
-        epochs_before = pd.read_csv(folder / "epochs.csv")
+        epochs_before = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
@@ -198,17 +218,7 @@ def test_killed_study_resumes_without_losing_or_repeating_work(
             os.killpg(driver.pid, signal.SIGKILL)
 
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "study.run",
-            "--resume",
-            "--name",
-            "killed",
-            "--storage-path",
-            str(tmp_path),
-            "--no-dashboard",
-        ],
+        resume,
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -218,11 +228,12 @@ def test_killed_study_resumes_without_losing_or_repeating_work(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "only resume studies from folders you trust" in result.stderr
     after = read_trials(folder)
-    epochs = pd.read_csv(folder / "epochs.csv")
+    epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
     assert len(after) == 5 and set(after.status) == {"completed"}
-    # Nothing reported before the kill was lost.
-    kept = epochs.merge(epochs_before, on=["trial_id", "epoch", "rerun"], how="inner")
-    assert len(kept) == len(epochs_before)
+    # Nothing reported before the interruption or the kill was lost.
+    for earlier in (epochs_interrupted, epochs_before):
+        kept = epochs.merge(earlier, on=["trial_id", "epoch", "rerun"], how="inner")
+        assert len(kept) == len(earlier)
     # Finished trials were not run again.
     for trial_id in before.loc[before.status == "completed", "trial_id"]:
         assert (epochs.trial_id == trial_id).sum() == 6
