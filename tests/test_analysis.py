@@ -165,6 +165,7 @@ def test_notebook_runs_headlessly(study_folder, tmp_path):
         output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
     )
     assert "validation accuracy:" in printed
+    assert "no confirmation yet" in printed
 
 
 def test_confirmation_in_the_report_and_leaderboard(study_folder, tmp_path):
