@@ -1,0 +1,203 @@
+"""The benchmark's logic on tiny sizes: it runs and its results are well formed.
+
+Nothing here asserts a wall time or a speed: the figures of a loaded test machine mean
+nothing, and the README quotes those of a real run.
+"""
+
+import json
+import math
+from dataclasses import replace
+
+import keras
+import pytest
+
+from study import bench
+from study import data as data_lib
+from study.config import ConfigError, load_config
+
+from .conftest import run_cli
+
+QUICK = bench.SIZES["quick"]
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(
+        None, ["data.dataset=cifar10", "model.width=0.0625", "training.batch_size=32"]
+    )
+
+
+@pytest.fixture(scope="module")
+def cifar10(cifar10_tarball):
+    return data_lib.load_cifar("cifar10", cifar10_tarball)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_steady_rates_leave_out_the_first_and_the_last_epoch():
+    # Reports at the end of epochs 1..5; the last one also evaluated the test set.
+    times = [10.0, 12.0, 13.0, 15.0, 30.0]
+    assert bench.steady_rates(times, 100) == [50.0, 100.0, 50.0]
+    assert bench.steady_rates([1.0, 2.0], 100) == []
+
+
+def test_overhead_ratios_compare_each_way_with_bare_fit():
+    times = {
+        "bare": [0.0, 1.0, 2.0, 3.0, 9.0],
+        "local": [0.0, 1.02, 2.04, 3.06, 9.0],
+        "tune": [5.0, 6.25, 7.5, 8.75, 20.0],
+    }
+    result = bench.summarise_overhead(times, 100)
+    assert result["bare"]["images_per_second"] == pytest.approx(100)
+    assert result["local/bare"] == pytest.approx(1 / 1.02)
+    assert result["local/bare met"] and result["local/bare target"] == 0.97
+    assert result["tune/bare"] == pytest.approx(0.8)
+    assert not result["tune/bare met"]
+
+
+def test_model_variants_change_one_factor_at_a_time(config):
+    cpu = bench.model_variants(config, gpu=False)
+    assert cpu[0] == bench.Variant(False, False, 32, 1, False)  # The trial's own settings.
+    assert len(set(cpu)) == len(cpu)
+    assert {(v.mixed_precision, v.jit_compile) for v in cpu} == {
+        (False, False),
+        (False, True),
+        (True, False),
+        (True, True),
+    }
+    assert sorted({v.batch_size for v in cpu}) == [16, 32, 64, 128]
+    assert bench.model_variants(config, gpu=True)[0] == bench.Variant(True, True, 32, 1, False)
+    quick = bench.model_variants(config, gpu=False, factors=QUICK.model_factors)
+    assert [(v.steps_per_execution, v.augment) for v in quick] == [
+        (1, False),
+        (16, False),
+        (1, True),
+    ]
+
+
+def test_model_section_times_every_variant(config, cifar10):
+    section = bench.section_model(config, cifar10, QUICK, gpu=False)
+    assert [row["steps_per_execution"] for row in section["rows"]] == [1, 16, 1]
+    for row in section["rows"]:
+        assert "error" not in row, row
+        assert _positive(row["images_per_second"]) and len(row["runs"]) == QUICK.runs
+    assert section["rows"][0]["vs_trial_default"] == 1.0
+    assert keras.mixed_precision.global_policy().name == "float32"  # Restored.
+
+
+def test_pipeline_is_compared_with_the_model(config, cifar10):
+    splits = data_lib.split(cifar10, config.data, seed=0)
+    section = bench.section_pipeline(config, splits, QUICK, model_rate=100.0)
+    assert section["images"] == len(splits.y_train)
+    assert _positive(section["images_per_second"])
+    assert section["ratio_to_model"] == pytest.approx(section["images_per_second"] / 100)
+    assert section["bottleneck"] == (section["ratio_to_model"] < 1)
+
+
+def test_bare_fit_and_local_mode_are_timed_once_an_epoch(config, cifar10, tmp_path):
+    run_config = bench.overhead_config(config, 100, 3)
+    assert len(data_lib.split(cifar10, run_config.data, seed=0).y_train) == 100
+    for times in (
+        bench.run_bare(run_config, cifar10),
+        bench.run_local_mode(run_config, cifar10, tmp_path),
+    ):
+        assert len(times) == 3 and times == sorted(times)
+    assert (tmp_path / "local" / "epochs.csv").is_file()
+
+
+def test_official_format_data_sets_load_at_two_sizes(tmp_path):
+    config = load_config(None, [])  # CIFAR-100
+    sizes = replace(QUICK, tarball_images=(400, 200), small_fraction=2)
+    paths = bench.write_data_sets(config, sizes, tmp_path)
+    loaded = {name: bench.measure_load(config, path) for name, path in paths.items()}
+    assert [len(data.y_train) for data, _ in loaded.values()] == [200, 400]
+    stats = {name: measured for name, (_, measured) in loaded.items()}
+    assert stats["full"]["images"] == 600 and _positive(stats["full"]["seconds"])
+    scaling = bench._scaling({"load": stats})
+    assert scaling["data_size_ratio"] == pytest.approx(2)
+    assert _positive(scaling["load_time_ratio"])
+
+
+def test_in_process_sections_print_a_table_and_write_json(tmp_path):
+    out = tmp_path / "bench.json"
+    options = bench.options_from(
+        bench.parse_args(["--quick", "--width", "0.0625", "--out", str(out)]), gpu=False
+    )
+    options = replace(options, sections=("pipeline",))  # No Ray here: see the study test.
+    results = bench.run_bench(options, echo=lambda line: None)
+    assert json.loads(out.read_text())["pipeline"]["images"] == results["pipeline"]["images"]
+    table = bench.format_table(results)
+    assert "2. Input pipeline" in table and "model width 0.0625 (--width)" in table
+    assert "model" not in results and "startup" not in results
+
+
+def test_command_line_options():
+    def options(*argv, gpu=False):
+        return bench.options_from(bench.parse_args(list(argv)), gpu)
+
+    cpu = options()
+    assert cpu.config.model.width == bench.CPU_WIDTH and cpu.sizes == bench.SIZES["cpu"]
+    assert "CPU default" in cpu.width_note
+    assert options(gpu=True).config.model.width == 1.0
+    assert options(gpu=True).sizes == bench.SIZES["gpu"]
+    targets = options("--gpu-targets").config
+    assert (targets.model.width, targets.training.batch_size) == (1.0, 512)
+    assert options("--width", "0.5", "--quick").config.model.width == 0.5
+    assert options("--set", "training.batch_size=64").config.training.batch_size == 64
+    with pytest.raises(ConfigError, match="--sections: unknown bogus"):
+        options("--sections", "model,bogus")
+
+
+def test_gpu_targets_are_checked_only_on_a_gpu():
+    assert "skipped" in bench.gpu_target_check({}, gpu=False)
+    results = {
+        "model": {
+            "rows": [
+                {
+                    "batch_size": 512,
+                    "mixed_precision": True,
+                    "jit_compile": True,
+                    "images_per_second": 31_000.0,
+                },
+                {
+                    "batch_size": 512,
+                    "mixed_precision": False,
+                    "jit_compile": True,
+                    "images_per_second": 40_000.0,
+                },
+            ]  # fmt: skip
+        },
+        "packing": {"rows": [{"images_per_second": 45_000.0}, {"images_per_second": 49_000.0}]},
+    }
+    check = bench.gpu_target_check(results, gpu=True)
+    assert check["one_trial_images_per_second"] == 31_000 and check["one_trial_met"]
+    assert check["packed_images_per_second"] == 49_000 and not check["packed_met"]
+
+
+@pytest.mark.study
+def test_command_line_runs_the_ray_sections(tmp_path, ray_env):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "study.bench", "--quick", "--width", "0.0625", "--set", "data.dataset=cifar10",
+        "--sections", "overhead,startup,packing", "--out", out, env=ray_env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    overhead = results["overhead"]
+    for way in ("bare", "local", "tune"):
+        assert _positive(overhead[way]["images_per_second"]), way
+        assert len(overhead[way]["cycles"]) == QUICK.overhead_epochs - 2
+    assert _positive(overhead["local/bare"]) and _positive(overhead["tune/bare"])
+    startup = results["startup"]
+    assert set(startup["load"]) == set(startup["trial"]) == {"small", "full"}
+    for trial in startup["trial"].values():
+        for key in ("launch_to_trial_seconds", "first_step_seconds"):
+            assert _positive(trial[key]), key
+        assert trial["launch_to_first_step_seconds"] == pytest.approx(
+            trial["launch_to_trial_seconds"] + trial["trial_to_first_step_seconds"]
+        )
+    if results["machine"]["gpus"] == 0:
+        assert results["packing"] == {"skipped": "no GPU on this machine"}
+    assert "3. Machinery overhead" in result.stdout and "4. Start-up" in result.stdout
