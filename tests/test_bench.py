@@ -45,16 +45,21 @@ def test_steady_rates_leave_out_the_first_and_the_last_epoch():
 
 def test_overhead_ratios_compare_each_way_with_bare_fit():
     times = {
-        "bare": [0.0, 1.0, 2.0, 3.0, 9.0],
-        "local": [0.0, 1.02, 2.04, 3.06, 9.0],
-        "tune": [5.0, 6.25, 7.5, 8.75, 20.0],
+        "bare": {"wall": [0.0, 1.0, 2.0, 3.0, 9.0], "cpu": [0.0, 2.0, 4.0, 6.0, 9.0]},
+        "local": {"wall": [0.0, 1.02, 2.04, 3.06, 9.0], "cpu": [1.0, 3.0, 5.0, 7.0, 9.0]},
+        # A trial process that ended before its CPU time was read gives NaN: left out.
+        "tune": {"wall": [5.0, 6.25, 7.5, 8.75, 20.0], "cpu": [0.0, 2.5, math.nan, 7.5, 9.0]},
     }
     result = bench.summarise_overhead(times, 100)
     assert result["bare"]["images_per_second"] == pytest.approx(100)
+    assert result["bare"]["images_per_cpu_second"] == pytest.approx(50)
     assert result["local/bare"] == pytest.approx(1 / 1.02)
     assert result["local/bare met"] and result["local/bare target"] == 0.97
+    assert result["local/bare cpu"] == pytest.approx(1)
     assert result["tune/bare"] == pytest.approx(0.8)
     assert not result["tune/bare met"]
+    assert result["tune"]["images_per_cpu_second"] == pytest.approx(40)
+    assert result["tune/bare cpu"] == pytest.approx(0.8)
 
 
 def test_model_variants_change_one_factor_at_a_time(config):
@@ -103,7 +108,8 @@ def test_bare_fit_and_local_mode_are_timed_once_an_epoch(config, cifar10, tmp_pa
         bench.run_bare(run_config, cifar10),
         bench.run_local_mode(run_config, cifar10, tmp_path),
     ):
-        assert len(times) == 3 and times == sorted(times)
+        for clock in ("wall", "cpu"):
+            assert len(times[clock]) == 3 and times[clock] == sorted(times[clock])
     assert (tmp_path / "local" / "epochs.csv").is_file()
 
 
@@ -188,6 +194,7 @@ def test_command_line_runs_the_ray_sections(tmp_path, ray_env):
     overhead = results["overhead"]
     for way in ("bare", "local", "tune"):
         assert _positive(overhead[way]["images_per_second"]), way
+        assert _positive(overhead[way]["images_per_cpu_second"]), way
         assert len(overhead[way]["cycles"]) == QUICK.overhead_epochs - 2
     assert _positive(overhead["local/bare"]) and _positive(overhead["tune/bare"])
     startup = results["startup"]
