@@ -132,6 +132,15 @@ def cpu_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def grow_gpu_memory() -> None:
+    """Before this process first touches a GPU: take its memory as needed, not all of it,
+    or the Tune trials that the benchmark starts later find none left."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
 def describe_machine() -> dict:
     import keras
     import tensorflow as tf
@@ -597,6 +606,7 @@ def run_bench(options: Options, echo=print) -> dict:
         loads.append(os.getloadavg()[0])
         say(f"[{time.perf_counter() - began:5.0f} s] {message} (load {loads[-1]:.1f})")
 
+    grow_gpu_memory()
     machine = describe_machine()
     gpu = machine["gpus"] > 0
     config, sizes, sections = options.config, options.sizes, options.sections
