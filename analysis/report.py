@@ -120,9 +120,10 @@ def _confirmation_section(results: StudyResults, out: Path, lines: list[str]) ->
         versus = differences.versus.iloc[0]
         lines.append(
             f"\nDifferences to {versus}, with Welch's 95% interval. Welch, not a paired "
-            "test: the losses' configurations differ in optimizer, learning rate and batch "
-            "size, so runs that share a seed are not matched pairs, and their variances "
-            "need not be equal.\n"
+            "test: a seed fixes initialisation and data order only between configurations "
+            "with the same model and batch size, which a search's best configurations "
+            "rarely share; Welch holds either way (conservative where pairing would hold) "
+            "and does not assume equal variances.\n"
         )
         lines.append(_table(differences))
         for row in differences.itertuples():

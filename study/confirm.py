@@ -283,6 +283,7 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds):
                     "seed": "seed",
                 },
                 max_report_frequency=30,
+                max_column_length=32,
             ),
             verbose=1,
         ),

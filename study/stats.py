@@ -1,9 +1,11 @@
 """Confidence intervals for the confirmation phase: Student's t for a mean, Welch for a
 difference of two means.
 
-Welch rather than a paired test: the losses' best configurations differ in optimizer,
-learning rate and batch size, so runs that share a seed do not share a data order or an
-initialisation and are not matched pairs; Welch also does not assume equal variances.
+Welch rather than a paired test: a seed fixes the initialisation and the data order only
+between configurations with the same model and batch size, which the best configurations
+of a search rarely share, so runs with one seed are not matched pairs in general. Welch is
+valid either way (conservative where pairing would have held) and does not assume equal
+variances.
 """
 
 import math
