@@ -118,6 +118,8 @@ def test_selection_takes_full_budget_trials_by_validation(tmp_path):
         (["--confirm"], "error: --confirm: name the finished study with --name"),
         (["--confirm", "--name", "nope"], "error: --name: no study at"),
         (["--confirm", "--name", "x", "--set", "seed=1"], "error: --confirm: uses the study's"),
+        (["--confirm", "--name", "x", "--seeds", "1"], "error: --seeds: 1; at least 2"),
+        (["--confirm", "--name", "x", "--top-per-loss", "0"], "error: --top-per-loss: 0"),
     ],
 )
 def test_confirm_refuses_bad_input(tmp_path, args, expected):
