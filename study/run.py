@@ -108,8 +108,25 @@ def _values(args) -> dict:
     return {} if args.data_dir is None else {"data.data_dir": str(Path(args.data_dir).resolve())}
 
 
+def _options(args, name: str):
+    """Where the study lives and what it may use, from the command line."""
+    from study.tuning import StudyOptions
+
+    return StudyOptions(
+        name=name,
+        storage_path=str(args.storage_path),
+        address=args.address,
+        gpus=args.gpus,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        resume=args.resume,
+        dashboard_host=args.dashboard_host,
+        dashboard=not args.no_dashboard,
+    )
+
+
 def run_study_command(args) -> int:
-    from study.tuning import StudyOptions, run_study
+    from study.tuning import run_study
 
     overrides = list(args.overrides)
     for flag, key in (
@@ -125,40 +142,18 @@ def run_study_command(args) -> int:
     stem = args.config.stem if args.config else "default"
     if args.resume and not args.name:
         raise ConfigError("--resume: name the study to continue with --name")
-    options = StudyOptions(
-        name=args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}",
-        storage_path=str(args.storage_path),
-        address=args.address,
-        gpus=args.gpus,
-        gpus_per_trial=args.gpus_per_trial,
-        cpus_per_trial=args.cpus_per_trial,
-        resume=args.resume,
-        dashboard_host=args.dashboard_host,
-        dashboard=not args.no_dashboard,
-    )
-    return run_study(study, options)
+    name = args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_study(study, _options(args, name))
 
 
 def run_confirm_command(args) -> int:
     from study.confirm import run_confirm
-    from study.tuning import StudyOptions
 
     if not args.name:
         raise ConfigError("--confirm: name the finished study with --name")
     if args.config or args.overrides or args.data_dir or args.local:
         raise ConfigError("--confirm: uses the study's saved config; drop --config/--set/--local")
-    options = StudyOptions(
-        name=args.name,
-        storage_path=str(args.storage_path),
-        address=args.address,
-        gpus=args.gpus,
-        gpus_per_trial=args.gpus_per_trial,
-        cpus_per_trial=args.cpus_per_trial,
-        resume=args.resume,
-        dashboard_host=args.dashboard_host,
-        dashboard=not args.no_dashboard,
-    )
-    return run_confirm(options, args.seeds, args.top_per_loss)
+    return run_confirm(_options(args, args.name), args.seeds, args.top_per_loss)
 
 
 def run_local_command(args) -> int:

@@ -145,6 +145,26 @@ def ray_cluster(ray_env):
     return start
 
 
+@pytest.fixture
+def two_nodes(ray_cluster, ray_env) -> str:
+    """A head and a second node (its processes marked STUDY_TEST_NODE=second), one CPU
+    each, on this machine; returns the head's address once both have registered."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    ray_cluster("--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false")
+    ray_cluster(
+        f"--address={address}",
+        "--num-cpus=1",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        "--min-worker-port=20000",
+        "--max-worker-port=20999",
+        marker="second",
+    )
+    wait_for_nodes(address, 2, ray_env)
+    return address
+
+
 def kill_marked(variable: str, value: str) -> int:
     """SIGKILLs every process whose environment has VARIABLE=VALUE; returns how many."""
     marker = f"{variable}={value}\0".encode()

@@ -23,12 +23,10 @@ import yaml
 from .conftest import (
     REPO,
     TINY_STUDY,
-    free_port,
     kill_marked,
     read_trials,
     study_args,
     wait_for,
-    wait_for_nodes,
 )
 
 pytestmark = pytest.mark.study
@@ -155,21 +153,9 @@ def test_killed_workers_and_a_corrupt_checkpoint_and_divergence(tmp_path, cifar1
 
 
 def test_a_dead_worker_node_moves_its_trials_to_the_survivor(
-    tmp_path, cifar10_tarball, ray_cluster, ray_env
+    tmp_path, cifar10_tarball, two_nodes, ray_env
 ):
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    ray_cluster("--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false")
-    ray_cluster(
-        f"--address={address}",
-        "--num-cpus=1",
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        "--min-worker-port=20000",
-        "--max-worker-port=20999",
-        marker="second",
-    )
-    wait_for_nodes(address, 2, ray_env)
+    address = two_nodes
     config = {
         **TINY_STUDY,
         "training": {**TINY_STUDY["training"], "epochs": 8, "checkpoint_every": 1},

@@ -21,7 +21,6 @@ from .conftest import (
     run_cli,
     study_args,
     wait_for,
-    wait_for_nodes,
     write_study_config,
 )
 
@@ -138,20 +137,9 @@ def test_logical_gpus_set_concurrency_and_devices(
 
 
 def test_two_node_cluster_runs_trials_on_both(
-    tmp_path, study_config, cifar10_tarball, ray_cluster, ray_env
+    tmp_path, study_config, cifar10_tarball, two_nodes, ray_env
 ):
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    ray_cluster("--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false")
-    ray_cluster(
-        f"--address={address}",
-        "--num-cpus=1",
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        "--min-worker-port=20000",
-        "--max-worker-port=20999",
-    )
-    wait_for_nodes(address, 2, ray_env)
+    address = two_nodes
     config = study_config(num_samples=4, scheduler="fifo")
     result = run_study(
         config, cifar10_tarball, tmp_path, "nodes", "--address", address, env=ray_env
