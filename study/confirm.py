@@ -122,8 +122,11 @@ def _recorder_class():
 
 
 def confirm_rows(trials: dict[str, dict]) -> list[dict]:
-    renamed = {"epochs_run": "epochs", "last_val_accuracy": "val_accuracy"}
-    renamed["last_val_loss"] = "val_loss"
+    renamed = {
+        "epochs_run": "epochs",
+        "last_val_accuracy": "val_accuracy",
+        "last_val_loss": "val_loss",
+    }
     rows = []
     for trial in trials.values():
         row = {renamed.get(key, key): value for key, value in trial.items()}
@@ -219,13 +222,13 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
     config = study.trial.data
     data_lib.resolve_path(config.dataset, config.data_dir)
     data = data_lib.load_cifar(config.dataset, config.data_dir, config.label_mode)
-    per_trial, concurrent = resources(study, options)
+    per_trial, _ = resources(study, options)
     connect(options)
     import ray
 
     try:
         check_cluster(options, per_trial)
-        tuner = _tuner(study, options, data, candidates, list(range(1, seeds + 1)))
+        tuner = _tuner(study, options, data, candidates, list(range(1, seeds + 1)), per_trial)
         print(f"confirming {len(candidates)} configurations x {seeds} seeds in {confirm_dir}")
         grid = tuner.fit()
     finally:
@@ -240,12 +243,12 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
     return 0
 
 
-def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds):
+def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, per_trial):
     from ray import tune
 
     from study.search import trial_dirname
 
-    per_trial, concurrent = resources(study, options)
+    concurrent = resources(study, options)[1]
     trainable = tune.with_resources(tune.with_parameters(confirm_function, data=data), per_trial)
     confirm_dir = options.results_dir / CONFIRM_DIR
     recorder = _recorder_class()(confirm_dir, study.trial.training.epochs)

@@ -31,6 +31,19 @@ def run_cli(module: str, *args, env=None, timeout=900) -> subprocess.CompletedPr
     )
 
 
+def start_cli(module: str, *args, env=None, output=subprocess.DEVNULL) -> subprocess.Popen:
+    """`python -m MODULE ARGS` in the background, in its own process group (so that a
+    test can signal it and everything it started, as Ctrl-C would)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        stdout=output,
+        stderr=output,
+        start_new_session=True,
+        env=env,
+    )
+
+
 def study_args(config, data, storage, name) -> list[str]:
     """The arguments that point a study at its config, data and results folder."""
     return [

@@ -4,9 +4,6 @@ computation, and a real run (study, then confirmation killed and resumed) on gen
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -17,7 +14,7 @@ from study import confirm
 from study.config import ConfigError
 from study.search_config import load_study
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, read_trials, run_cli, start_cli, wait_for
 
 T_975 = {1: 12.706204736174698, 2: 4.302652729749464}  # Student's t, 97.5th percentile.
 
@@ -128,20 +125,8 @@ def test_confirm_refuses_bad_input(tmp_path, args, expected):
     assert result.stderr.strip().splitlines()[-1].startswith(expected)
 
 
-def _wait_for(predicate, timeout=600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(1)
-    raise AssertionError("timed out waiting for the confirmation to progress")
-
-
-def _finished_runs(path) -> int:
-    try:
-        return (pd.read_csv(path).status == "completed").sum()
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        return 0
+def _finished_runs(folder) -> int:
+    return (read_trials(folder, "confirm.csv").status == "completed").sum()
 
 
 @pytest.mark.study
@@ -164,24 +149,16 @@ def test_seed_grid_then_confirmation_killed_and_resumed(tmp_path, cifar100_tarba
     assert sorted(trials["loss.name"]) == ["categorical_crossentropy", "hinge"]
     assert set(trials.status) == {"completed"} and set(trials.epochs_run) == {2}
 
-    command = [sys.executable, "-m", "study.run", "--confirm", "--seeds", "2", *map(str, common)]
-    driver = subprocess.Popen(
-        command,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=ray_env,
-    )
+    driver = start_cli("study.run", "--confirm", "--seeds", "2", *common, env=ray_env)
     try:
-        _wait_for(lambda: _finished_runs(folder / "confirm.csv") >= 1)
+        wait_for(lambda: _finished_runs(folder) >= 1, timeout=600)
         before = pd.read_csv(folder / "confirm.csv", dtype={"trial_id": str})
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    assert _finished_runs(folder / "confirm.csv") < 4, "killed too late to test the resume"
+    assert _finished_runs(folder) < 4, "killed too late to test the resume"
 
     again = run_cli("study.run", "--confirm", "--seeds", "2", *common, env=ray_env)
     assert again.returncode == 2 and "add --resume to continue it" in again.stderr

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -19,22 +18,18 @@ from .conftest import (
     free_port,
     read_trials,
     run_cli,
+    start_cli,
     study_args,
     wait_for,
     write_study_config,
 )
 
 pytestmark = pytest.mark.study
-RAY = str(Path(sys.executable).parent / "ray")
 
 
 @pytest.fixture
 def study_config(tmp_path):
     return lambda **search: write_study_config(tmp_path / "study.yaml", **search)
-
-
-def study_command(config, data, storage, name, *args):
-    return [sys.executable, "-m", "study.run", *study_args(config, data, storage, name), *args]
 
 
 def run_study(config, data, storage, name, *args, env, timeout=600):
@@ -162,12 +157,9 @@ def test_interrupted_then_killed_study_resumes_without_losing_or_repeating_work(
     # Ctrl-C (SIGINT to the driver's process group): a clean stop that says how to resume.
     log = tmp_path / "interrupted.log"
     with open(log, "w") as output:
-        driver = subprocess.Popen(
-            study_command(
-                config, cifar10_tarball, tmp_path, "killed", "--no-dashboard",
-                "--set", "training.epochs=6",
-            ),
-            cwd=REPO, stdout=output, stderr=output, start_new_session=True, env=ray_env,
+        driver = start_cli(
+            "study.run", *study_args(config, cifar10_tarball, tmp_path, "killed"),
+            "--no-dashboard", "--set", "training.epochs=6", env=ray_env, output=output,
         )  # fmt: skip
         try:
             wait_for(lambda: (read_trials(folder).epochs_run >= 1).any(), interval=0.2)
@@ -182,14 +174,7 @@ def test_interrupted_then_killed_study_resumes_without_losing_or_repeating_work(
     assert len(epochs_interrupted) >= 1
 
     # Resumed, then SIGKILLed: no chance to clean up at all.
-    driver = subprocess.Popen(
-        resume,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=ray_env,
-    )
+    driver = start_cli(*resume[2:], env=ray_env)
     try:
         wait_for(
             lambda: (
