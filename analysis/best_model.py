@@ -31,8 +31,15 @@ def predict(model_path: Path, images: np.ndarray, batch_size=512) -> np.ndarray:
     except ValueError as error:  # Safe mode refuses a checkpoint that carries code.
         reason = " ".join(str(error).split())
         raise AnalysisError(f"{model_path}: not loaded: {reason}") from None
-    scores = model.predict(images.astype("float32") / 255.0, batch_size=batch_size, verbose=0)
-    return scores.argmax(axis=1)
+    return model.predict(model_input(model, images), batch_size=batch_size, verbose=0).argmax(1)
+
+
+def model_input(model, images: np.ndarray) -> np.ndarray:
+    """uint8 images as they are; models saved before the model scaled its own input took
+    float images in [0, 1]."""
+    if model.inputs[0].dtype == "uint8":
+        return images
+    return images.astype("float32") / 255.0
 
 
 def per_class_accuracy(labels, predictions, class_names) -> pd.DataFrame:

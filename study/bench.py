@@ -33,7 +33,13 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 from study import data as data_lib
 from study import synthetic
-from study.config import ConfigError, TrialConfig, load_config, load_config_dict
+from study.config import (
+    GPU_STEPS_PER_EXECUTION,
+    ConfigError,
+    TrialConfig,
+    load_config,
+    load_config_dict,
+)
 
 # TensorFlow is imported where it is used, not with this module: a Tune worker that
 # unpickles a trial function from here then imports it inside the trial, as in a study.
@@ -190,11 +196,15 @@ class Variant:
 def model_variants(config: TrialConfig, gpu: bool, factors=FACTORS) -> list[Variant]:
     """The trial's own settings first, then one factor at a time: precision x XLA, batch
     size, steps per execution, augmentation."""
-    training = config.training
-    mixed = gpu if training.mixed_precision == "auto" else training.mixed_precision
-    jit = gpu if training.jit_compile == "auto" else training.jit_compile
-    batch = training.batch_size
-    base = Variant(bool(mixed), bool(jit), batch, 1, config.model.augment)
+    chosen = config.training.resolve(gpu)
+    batch = config.training.batch_size
+    base = Variant(
+        chosen["mixed_precision"],
+        chosen["jit_compile"],
+        batch,
+        chosen["steps_per_execution"],
+        config.model.augment,
+    )
     variants = [base]
     if "precision" in factors:
         flags = ((m, j) for m in (False, True) for j in (False, True))
@@ -202,7 +212,8 @@ def model_variants(config: TrialConfig, gpu: bool, factors=FACTORS) -> list[Vari
     if "batch" in factors:
         variants += [replace(base, batch_size=b) for b in (batch // 2, batch * 2, batch * 4) if b]
     if "steps" in factors:
-        variants.append(replace(base, steps_per_execution=16))
+        other = 1 if base.steps_per_execution > 1 else GPU_STEPS_PER_EXECUTION
+        variants.append(replace(base, steps_per_execution=other))
     if "augment" in factors:
         variants.append(replace(base, augment=not base.augment))
     return [v for i, v in enumerate(variants) if v not in variants[:i]]
@@ -213,7 +224,7 @@ def _one_batch(config: TrialConfig, data: data_lib.CifarData, batch_size: int):
 
     encode = target_encoder(config.loss, config.data.num_classes)
     index = np.arange(batch_size) % len(data.y_train)
-    images = data.x_train[index].astype("float32") / 255.0
+    images = data.x_train[index]  # uint8, as the trial's pipeline hands them to the model
     return images, np.asarray(encode(data.y_train[index]))
 
 
@@ -242,16 +253,8 @@ def prepare_model(config: TrialConfig, data, variant: Variant, sizes: Sizes, gpu
     )
     trial = with_values(config, model__augment=variant.augment)
     try:
-        model = trainable.compile_model(trial, 100, variant.jit_compile)
         spe = variant.steps_per_execution
-        if spe > 1:  # Recompiled rather than passed in: compile_model has no such argument.
-            model.compile(
-                optimizer=model.optimizer,
-                loss=model.loss,
-                metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-                jit_compile=variant.jit_compile,
-                steps_per_execution=spe,
-            )
+        model = trainable.compile_model(trial, 100, variant.jit_compile, spe)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     dataset = tf.data.Dataset.from_tensors(_one_batch(trial, data, variant.batch_size)).repeat()
@@ -365,7 +368,7 @@ def run_bare(config: TrialConfig, data) -> dict[str, list[float]]:
     splits = data_lib.split(data, config.data, seed=config.data.split_seed)
     train, validation, _ = trainable._datasets(config, splits)
     steps = -(-len(splits.y_train) // config.training.batch_size)
-    model = trainable.compile_model(config, steps, devices["jit_compile"])
+    model = trainable.compile_for_devices(config, steps, devices)
     clock = epoch_clock()
     model.fit(
         train,

@@ -1,8 +1,8 @@
 """CIFAR-10/100 from the official python-version tarballs: safe reading, splits, tf.data input.
 
 The driver calls `load_cifar` once; trials get the arrays through Ray's object store and
-call `split` and `make_dataset`. Images stay uint8 until the input pipeline normalises
-them, batch by batch.
+call `split` and `make_dataset`. Images stay uint8 all the way to the model, which scales
+them on the device (study/model.py).
 """
 
 import gzip
@@ -344,15 +344,15 @@ def split(data: CifarData, config, seed: int) -> Splits:
 
 
 def make_dataset(images, labels, *, batch_size, encode_targets, shuffle=False, seed=0):
-    """A tf.data pipeline: uint8 in, then per batch: scale to [0, 1] and encode targets."""
+    """A tf.data pipeline of uint8 image batches and targets encoded per batch."""
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     if shuffle:
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
 
-    def normalise(x, y):
-        return tf.cast(x, tf.float32) / 255.0, encode_targets(y)
+    def encode(x, y):
+        return x, encode_targets(y)
 
-    dataset = dataset.batch(batch_size).map(normalise, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size).map(encode, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)

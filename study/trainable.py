@@ -38,27 +38,38 @@ class Outcome:
 
 
 def configure_devices(config: TrialConfig) -> dict:
-    """Memory growth on every GPU; mixed precision and XLA on GPUs unless the config says."""
+    """Memory growth on every GPU; mixed precision, XLA and several steps per execution on
+    GPUs unless the config says otherwise."""
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         # Trials may share a GPU: take memory as needed instead of all of it at start.
         tf.config.experimental.set_memory_growth(gpu, True)
-    mixed, jit = config.training.mixed_precision, config.training.jit_compile
-    mixed = bool(gpus) if mixed == "auto" else mixed
-    jit = bool(gpus) if jit == "auto" else jit
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    return {"gpus": len(gpus), "mixed_precision": mixed, "jit_compile": jit}
+    chosen = config.training.resolve(gpu=bool(gpus))
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if chosen["mixed_precision"] else "float32"
+    )
+    return {"gpus": len(gpus), **chosen}
 
 
-def compile_model(config: TrialConfig, steps_per_epoch: int, jit_compile: bool) -> keras.Model:
+def compile_model(
+    config: TrialConfig, steps_per_epoch: int, jit_compile: bool, steps_per_execution: int = 1
+) -> keras.Model:
     model = build_model(config)
     model.compile(
         optimizer=build_optimizer(config.optimizer, steps_per_epoch, config.training.epochs),
         loss=build_loss(config.loss),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )
     return model
+
+
+def compile_for_devices(config: TrialConfig, steps_per_epoch: int, devices: dict) -> keras.Model:
+    """`compile_model` with what `configure_devices` chose."""
+    return compile_model(
+        config, steps_per_epoch, devices["jit_compile"], devices["steps_per_execution"]
+    )
 
 
 def save_checkpoint(model: keras.Model, epoch: int, directory: Path) -> Path:
@@ -77,6 +88,10 @@ def restore_checkpoint(model: keras.Model, directory: Path) -> int:
 
 class EpochReporter(keras.callbacks.Callback):
     """Times each epoch, stops at a non-finite loss, checkpoints and hands metrics on."""
+
+    # Keras then runs the per-step hook on a helper thread, so that reading the loss never
+    # makes the training loop wait for the device; it waits for the hooks at epoch end.
+    async_safe = True
 
     def __init__(self, sink, config: TrialConfig, train_images: int, warning: str | None = None):
         super().__init__()
@@ -167,7 +182,7 @@ def train_and_evaluate(
     splits = data_lib.split(data, config.data, seed=config.data.split_seed)
     train, validation, test = _datasets(config, splits)
     steps_per_epoch = math.ceil(len(splits.y_train) / config.training.batch_size)
-    model = compile_model(config, steps_per_epoch, devices["jit_compile"])
+    model = compile_for_devices(config, steps_per_epoch, devices)
     initial_epoch, warning = 0, None
     if checkpoint:
         try:
@@ -179,7 +194,7 @@ def train_and_evaluate(
             # A half-loaded model is neither the checkpoint nor a fresh start: rebuild it.
             keras.backend.clear_session()
             keras.utils.set_random_seed(config.seed)
-            model = compile_model(config, steps_per_epoch, devices["jit_compile"])
+            model = compile_for_devices(config, steps_per_epoch, devices)
     reporter = EpochReporter(sink, config, len(splits.y_train), warning)
     model.fit(
         train,

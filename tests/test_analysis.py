@@ -205,3 +205,28 @@ def test_confirmation_in_the_report_and_leaderboard(study_folder, tmp_path):
     if "hinge" in set(best["loss.name"]):  # The baseline makes cross-entropy certain.
         assert "hinge - categorical_crossentropy" in report
         assert "is resolved: hinge is worse than categorical_crossentropy" in report
+
+
+def test_predictions_feed_each_model_the_input_it_was_saved_with(tmp_path):
+    """Models now scale uint8 images themselves; those saved before took [0, 1] floats."""
+    import keras
+
+    from analysis import best_model
+
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+    keras.utils.set_random_seed(0)
+    legacy = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Flatten(),
+            # Biases make the argmax depend on the input's scale.
+            keras.layers.Dense(5, bias_initializer=keras.initializers.Constant([0, 2, 4, 6, 8])),
+        ]
+    )
+    legacy.save(tmp_path / "legacy.keras")
+    expected = np.asarray(legacy(images.astype("float32") / 255)).argmax(1)
+    predicted = best_model.predict(tmp_path / "legacy.keras", images)
+    np.testing.assert_array_equal(predicted, expected)
+    assert not np.array_equal(expected, np.asarray(legacy(images.astype("float32"))).argmax(1))
+    current = keras.Sequential([keras.Input((32, 32, 3), dtype="uint8"), keras.layers.Flatten()])
+    assert best_model.model_input(current, images) is images

@@ -82,6 +82,8 @@ BAD_OVERRIDES = [
     ("data.validation_size=1.5", "data.validation_size"),
     ("data.validation=val", "data.validation"),
     ("optimizer.warmup_epochs=40", "optimizer.warmup_epochs"),
+    ("training.steps_per_execution=0", "training.steps_per_execution"),
+    ("training.steps_per_execution=fast", "training.steps_per_execution"),
 ]
 
 
@@ -92,6 +94,28 @@ def test_bad_values_name_the_field(override, expected):
     message = str(error.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_auto_training_settings_follow_the_device():
+    auto = load_config(None, []).training
+    assert auto.resolve(gpu=True) == {
+        "mixed_precision": True,
+        "jit_compile": True,
+        "steps_per_execution": 16,
+    }
+    assert auto.resolve(gpu=False) == {
+        "mixed_precision": False,
+        "jit_compile": False,
+        "steps_per_execution": 1,
+    }
+    chosen = load_config(
+        None, ["training.mixed_precision=false", "training.steps_per_execution=4"]
+    ).training
+    assert chosen.resolve(gpu=True) == {
+        "mixed_precision": False,
+        "jit_compile": True,
+        "steps_per_execution": 4,
+    }
 
 
 def test_label_smoothing_only_where_defined():

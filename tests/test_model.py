@@ -11,6 +11,20 @@ def _config(**sections):
     return validate(sections)
 
 
+def _images(count):
+    return np.random.default_rng(0).integers(0, 256, size=(count, 32, 32, 3), dtype=np.uint8)
+
+
+def test_model_takes_uint8_and_scales_it_to_unit_range():
+    import keras
+
+    model = build_model(_config(model={"width": 0.125}))
+    assert model.inputs[0].dtype == "uint8"
+    x = _images(3)
+    scaled = keras.Model(model.inputs[0], model.get_layer("rescale").output)(x)
+    np.testing.assert_allclose(np.asarray(scaled), x.astype("float32") / 255, rtol=1e-6)
+
+
 def test_width_one_is_the_notebook_network():
     model = build_model(_config())
     assert model.count_params() == 6_777_060
@@ -27,7 +41,7 @@ def test_head_follows_the_loss():
     softmax = build_model(_config(loss={"name": "categorical_crossentropy"}))
     linear = build_model(_config(loss={"name": "hinge"}))
     forced = build_model(_config(loss={"name": "hinge", "head": "softmax"}))
-    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
+    x = _images(4)
     np.testing.assert_allclose(np.asarray(softmax(x)).sum(axis=1), 1, rtol=1e-5)
     assert linear.layers[-1].name == "linear"
     assert forced.layers[-1].name == "softmax"
@@ -57,7 +71,7 @@ def test_width_dataset_and_options():
 
 def test_augmentation_and_dropout_only_in_training():
     model = build_model(_config(model={"width": 0.125, "augment": True}))
-    x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype("float32")
+    x = _images(2)
     np.testing.assert_allclose(model(x, training=False), model(x, training=False))
     assert not np.allclose(model(x, training=True), model(x, training=False))
 

@@ -67,7 +67,7 @@ def test_local_run_writes_its_folder_and_learns(tmp_path, cifar10):
 def test_checkpoint_restores_weights_and_optimizer_state(tmp_path, cifar10):
     config = load_config(None, [*TINY, "training.epochs=4", "optimizer.name=sgd"])
     model = compile_model(config, steps_per_epoch=7, jit_compile=False)
-    x = cifar10.x_train[:64].astype("float32") / 255
+    x = cifar10.x_train[:64]
     y = np.eye(10)[cifar10.y_train[:64]]
     model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     save_checkpoint(model, 1, tmp_path / "checkpoint")
@@ -136,6 +136,36 @@ def test_divergence_ends_the_trial_with_a_status(cifar10):
     assert outcome.status == "diverged"
     assert outcome.message.startswith("non-finite loss in epoch 1")
     assert sink.reports == [] and outcome.test == {}
+
+
+def test_steps_per_execution_changes_no_result(cifar10):
+    """Several steps per call into TensorFlow is a speed setting: same seed, same metrics,
+    and a divergence is still caught in its epoch."""
+    runs = {}
+    for steps in (1, 4):
+        config = load_config(
+            None, [*TINY, "training.epochs=2", f"training.steps_per_execution={steps}"]
+        )
+        sink = RecordingSink()
+        train_and_evaluate(config, cifar10, sink, evaluate_test=False)
+        runs[steps] = [metrics for metrics, _ in sink.reports]
+    for one, four in zip(runs[1], runs[4], strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+            assert four[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    diverging = load_config(
+        None,
+        [
+            *TINY,
+            "training.steps_per_execution=4",
+            "optimizer.name=sgd",
+            "optimizer.learning_rate=10",
+            "optimizer.schedule=constant",
+            "loss.name=mean_squared_error",
+        ],
+    )
+    outcome = train_and_evaluate(diverging, cifar10, RecordingSink())
+    assert outcome.status == "diverged"
+    assert outcome.message.startswith("non-finite loss in epoch 1")
 
 
 def _study_run(*args):
