@@ -320,17 +320,24 @@ def section_model(config, data, sizes, gpu) -> dict:
 
 
 def measure_pipeline(config: TrialConfig, splits: data_lib.Splits, sizes: Sizes) -> dict:
-    """Images/s of the trial's training input alone: shuffle, batch, normalise, targets."""
+    """Images/s of the trial's training input alone (shuffle, batch, targets), and how long
+    each epoch waits for its first batch (the shuffle buffer fills at every epoch's start)."""
     from study import trainable
 
     train, _, _ = trainable._datasets(config, splits)
-    rates = []
+    rates, first_batch = [], []
     for _ in range(sizes.runs + 1):  # The first pass warms tf.data up; it is not counted.
         started, count = time.perf_counter(), 0
         for images, _ in train:
+            if not count:
+                first_batch.append(time.perf_counter() - started)
             count += int(images.shape[0])
         rates.append(count / (time.perf_counter() - started))
-    return {"images": len(splits.y_train), "images_per_second": statistics.median(rates[1:])}
+    return {
+        "images": len(splits.y_train),
+        "images_per_second": statistics.median(rates[1:]),
+        "first_batch_seconds": statistics.median(first_batch[1:]),
+    }
 
 
 def section_pipeline(config, splits, sizes, model_rate) -> dict:
@@ -773,6 +780,8 @@ def _pipeline_lines(section: dict) -> list[str]:
         f"   {_number(section['images_per_second'])} images/s over {section['images']:,} "
         f"images; the model trains {_number(section['model_images_per_second'])}: "
         f"ratio {_number(section['ratio_to_model'], 1)}, {verdict}",
+        f"   each epoch's first batch after {1000 * section['first_batch_seconds']:.0f} ms "
+        "(the shuffle buffer filling)",
         f"   note: {section['note']}",
     ]
 

@@ -281,6 +281,34 @@ def test_pipeline_keeps_uint8_and_encodes_targets():
     assert sorted(np.concatenate([x[:, 0, 0, 0] for x, _ in batches])) == list(range(10))
 
 
+def test_pipeline_reshuffles_each_epoch_and_repeats_with_its_seed():
+    import tensorflow as tf
+
+    images = np.arange(64, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
+
+    def epochs(seed):
+        dataset = data_lib.make_dataset(
+            images,
+            np.zeros(64, np.int32),
+            batch_size=16,
+            encode_targets=lambda y: tf.one_hot(y, 2),
+            shuffle=True,
+            seed=seed,
+        )
+        return [
+            np.concatenate([x[:, 0, 0, 0] for x, _ in dataset.as_numpy_iterator()])
+            for _ in range(2)
+        ]
+
+    first, second = epochs(seed=1)
+    assert sorted(first) == sorted(second) == list(range(64))
+    assert not np.array_equal(first, second)  # A new order every epoch ...
+    again = epochs(seed=1)
+    np.testing.assert_array_equal(again[0], first)  # ... the same ones for the same seed,
+    np.testing.assert_array_equal(again[1], second)
+    assert not np.array_equal(epochs(seed=2)[0], first)  # and others for another seed.
+
+
 def test_restricted_unpickler_allows_only_numpy_arrays():
     allowed = io.BytesIO(synthetic.pickle_python2({b"x": np.arange(3, dtype=np.uint8)}))
     assert data_lib._RestrictedUnpickler(allowed, encoding="bytes").load()[b"x"].tolist() == [
