@@ -61,6 +61,7 @@ class Sizes:
     model_factors: tuple[str, ...]  # what the model section varies, one factor at a time
     overhead_images: int | None  # training images per epoch (None: the whole split)
     overhead_epochs: int  # epoch 1 and the last are not counted
+    overhead_rounds: int  # rounds of bare, local and Tune in turn
     tarball_images: tuple[int, int]  # the full-size data set: training, test images
     small_fraction: int  # the small data set of the start-up section is 1/this of it
     packing: tuple[int, ...]  # trials per GPU
@@ -68,11 +69,12 @@ class Sizes:
 
 FACTORS = ("precision", "batch", "steps", "augment")
 SIZES = {
-    # Overhead: 8 epochs of 5,000 images, 6 steady cycles a way (3 cycles of 2,000 swung ±10%)
-    "cpu": Sizes(2.0, 3, FACTORS, 5_000, 8, (50_000, 10_000), 10, ()),
-    "gpu": Sizes(2.0, 3, FACTORS, None, 5, (50_000, 10_000), 10, (1, 2, 4)),
+    # Overhead: 3 rounds of 5 epochs of 5,000 images, 9 steady cycles a way. Single cycles
+    # swing by a third on this 2-core machine; taking turns spreads that over the ways.
+    "cpu": Sizes(2.0, 3, FACTORS, 5_000, 5, 3, (50_000, 10_000), 10, ()),
+    "gpu": Sizes(2.0, 3, FACTORS, None, 5, 3, (50_000, 10_000), 10, (1, 2, 4)),
     # Checks that everything runs and is well formed; its figures mean nothing.
-    "quick": Sizes(0.2, 2, ("steps", "augment"), 200, 3, (1_000, 200), 2, (1, 2)),
+    "quick": Sizes(0.2, 2, ("steps", "augment"), 200, 3, 2, (1_000, 200), 2, (1, 2)),
 }
 
 
@@ -402,29 +404,83 @@ def run_local_mode(config: TrialConfig, data, workdir: Path) -> dict[str, list[f
     return times
 
 
-def summarise_overhead(times: dict[str, dict[str, list[float]]], images: int) -> dict:
-    """Steady-state images/s of each way, by the wall clock and per CPU-second of the
-    training process. The wall clock is what the targets judge; the CPU figure counts the
-    work a way adds, and barely moves when other processes share the machine."""
-    result = {"images_per_epoch": images}
-    for way, clocks in times.items():
-        rates = steady_rates(clocks["wall"], images)
-        cpu_rates = steady_rates(clocks.get("cpu", []), images)
+def summarise_overhead(rounds: list[dict[str, dict[str, list[float]]]], images: int) -> dict:
+    """Steady-state images/s of each way over all rounds, by the wall clock and per
+    CPU-second of the training process, and each way's ratio to the bare fit. The wall
+    clock is what the targets judge; the CPU figure counts the work a way adds, and barely
+    moves when other processes share the machine. Per-round ratios show the spread."""
+    ways = [way for way in ("bare", "local", "tune") if way in rounds[0]]
+    wall = {way: [steady_rates(r[way]["wall"], images) for r in rounds] for way in ways}
+    cpu = {way: [steady_rates(r[way].get("cpu", []), images) for r in rounds] for way in ways}
+    result = {"images_per_epoch": images, "rounds": len(rounds)}
+    for way in ways:
+        cycles = [rate for per_round in wall[way] for rate in per_round]
         result[way] = {
-            "images_per_second": median_or_none(rates),
-            "cycles": rates,
-            "images_per_cpu_second": median_or_none(cpu_rates),
+            "images_per_second": median_or_none(cycles),
+            "cycles": cycles,
+            "images_per_cpu_second": median_or_none(
+                rate for per_round in cpu[way] for rate in per_round
+            ),
         }
     bare = result["bare"]
-    for way, target_key in (("local", "local/bare"), ("tune", "tune/bare")):
-        if way in result:
-            value = ratio(result[way]["images_per_second"], bare["images_per_second"])
-            result[target_key] = value
-            result[f"{target_key} target"] = TARGETS[target_key]
-            result[f"{target_key} met"] = bool(value and value >= TARGETS[target_key])
-            result[f"{target_key} cpu"] = ratio(
-                result[way]["images_per_cpu_second"], bare["images_per_cpu_second"]
-            )
+    for way, key in (("local", "local/bare"), ("tune", "tune/bare")):
+        if way not in result:
+            continue
+        value = ratio(result[way]["images_per_second"], bare["images_per_second"])
+        result[key] = value
+        result[f"{key} target"] = TARGETS[key]
+        result[f"{key} met"] = bool(value and value >= TARGETS[key])
+        result[f"{key} cpu"] = ratio(
+            result[way]["images_per_cpu_second"], bare["images_per_cpu_second"]
+        )
+        result[f"{key} rounds"] = [
+            ratio(median_or_none(mine), median_or_none(theirs))
+            for mine, theirs in zip(wall[way], wall["bare"], strict=True)
+        ]
+    return result
+
+
+def _children_cpu() -> dict[int, float]:
+    """CPU seconds of each of this process's children: Ray's daemons, workers, agents."""
+    import psutil  # Ray's own dependency.
+
+    seconds = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        seconds[child.pid] = times.user + times.system
+    return seconds
+
+
+def _cpu_since(before: dict[int, float]) -> float:
+    """Children's CPU seconds since `before` (a process started since counts from 0)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in _children_cpu().items())
+
+
+def measure_overhead(config: TrialConfig, data, sizes: Sizes, temp: Path, gpu: bool, echo):
+    """Rounds of a bare fit, the local mode and one Tune trial, in turn, with Ray up
+    throughout: a slow spell of the machine then hits every way alike. What Ray's own
+    processes take while the bare and local runs go is reported beside the ratios."""
+    run_config = overhead_config(config, sizes.overhead_images, sizes.overhead_epochs)
+    images = len(data_lib.split(data, run_config.data, seed=0).y_train)
+    rounds, ray_cpu, ray_wall = [], 0.0, 0.0
+    for number in range(1, sizes.overhead_rounds + 1):
+        echo(f"3. overhead, round {number} of {sizes.overhead_rounds}: bare, local, Tune ...")
+        started, started_cpu = time.perf_counter(), _children_cpu()
+        times = {
+            "bare": run_bare(run_config, data),
+            "local": run_local_mode(run_config, data, temp / f"round{number}"),
+        }
+        ray_cpu += _cpu_since(started_cpu)
+        ray_wall += time.perf_counter() - started
+        name = f"overhead{number}"
+        run = run_tune(study_trial, run_config, data, temp / "ray", name, 1, 1.0 if gpu else 0.0)
+        times["tune"] = {"wall": run["arrivals"][0], "cpu": run["cpu"][0]}
+        rounds.append(times)
+    result = summarise_overhead(rounds, images)
+    result["ray_idle_cpu_share"] = ray_cpu / ray_wall  # Of one CPU, beside bare and local.
     return result
 
 
@@ -661,24 +717,10 @@ def _ray_sections(options, data, temp: Path, gpu: bool, sections, echo) -> dict:
 
     config, sizes = options.config, options.sizes
     results = {}
-    if "overhead" in sections:
-        # Before Ray starts: its start-up processes would take CPU from the bare run.
-        echo("3. overhead: bare model.fit, local mode, one Tune trial ...")
-        run_config = overhead_config(config, sizes.overhead_images, sizes.overhead_epochs)
-        images = len(data_lib.split(data["full"], run_config.data, seed=0).y_train)
-        times = {
-            "bare": run_bare(run_config, data["full"]),
-            "local": run_local_mode(run_config, data["full"], temp),
-        }
     ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
     try:
         if "overhead" in sections:
-            run = run_tune(
-                study_trial, run_config, data["full"], temp / "ray", "overhead", 1,
-                1.0 if gpu else 0.0,
-            )  # fmt: skip
-            times["tune"] = {"wall": run["arrivals"][0], "cpu": run["cpu"][0]}
-            results["overhead"] = summarise_overhead(times, images)
+            results["overhead"] = measure_overhead(config, data["full"], sizes, temp, gpu, echo)
         if "startup" in sections:
             echo("4. start-up: a Tune trial's launch to its first step, small and full data ...")
             trial = load_config_from(config, {"training.epochs": 1})
@@ -789,7 +831,8 @@ def _pipeline_lines(section: dict) -> list[str]:
 def _overhead_lines(section: dict) -> list[str]:
     lines = [
         "3. Machinery overhead (steady-state training images/s per whole epoch cycle, "
-        f"{section['images_per_epoch']:,} images an epoch; epoch 1 and the last left out)",
+        f"{section['images_per_epoch']:,} images an epoch, epoch 1 and the last left out; "
+        f"{section['rounds']} rounds of the three ways in turn, Ray up throughout)",
     ]
     names = {"bare": "bare model.fit", "local": "local mode", "tune": "one Tune trial"}
     for way, name in names.items():
@@ -803,9 +846,15 @@ def _overhead_lines(section: dict) -> list[str]:
             met = "met" if section[f"{key} met"] else "NOT met"
             line += (
                 f"   {key} {_number(section[key], 3)} (target >= {TARGETS[key]}: {met}); "
-                f"per CPU-s {_number(section.get(f'{key} cpu'), 3)}"
+                f"per CPU-s {_number(section.get(f'{key} cpu'), 3)}; by round "
+                + ", ".join(_number(value, 2) for value in section[f"{key} rounds"])
             )
         lines.append(line)
+    if "ray_idle_cpu_share" in section:
+        lines.append(
+            f"   Ray's own processes took {100 * section['ray_idle_cpu_share']:.1f}% of one CPU "
+            "beside the bare and local runs"
+        )
     return lines
 
 

@@ -6,6 +6,7 @@ nothing, and the README quotes those of a real run.
 
 import json
 import math
+import os
 from dataclasses import replace
 
 import keras
@@ -44,22 +45,28 @@ def test_steady_rates_leave_out_the_first_and_the_last_epoch():
 
 
 def test_overhead_ratios_compare_each_way_with_bare_fit():
-    times = {
+    first = {
         "bare": {"wall": [0.0, 1.0, 2.0, 3.0, 9.0], "cpu": [0.0, 2.0, 4.0, 6.0, 9.0]},
         "local": {"wall": [0.0, 1.02, 2.04, 3.06, 9.0], "cpu": [1.0, 3.0, 5.0, 7.0, 9.0]},
         # A trial process that ended before its CPU time was read gives NaN: left out.
         "tune": {"wall": [5.0, 6.25, 7.5, 8.75, 20.0], "cpu": [0.0, 2.5, math.nan, 7.5, 9.0]},
     }
-    result = bench.summarise_overhead(times, 100)
-    assert result["bare"]["images_per_second"] == pytest.approx(100)
+    # A slow spell in round two: every way at half speed.
+    second = {
+        way: {"wall": [2 * t for t in times["wall"]], "cpu": times["cpu"]}
+        for way, times in first.items()
+    }
+    result = bench.summarise_overhead([first, second], 100)
+    assert result["rounds"] == 2
+    assert sorted(result["bare"]["cycles"]) == pytest.approx([50, 50, 50, 100, 100, 100])
+    assert result["bare"]["images_per_second"] == pytest.approx(75)
     assert result["bare"]["images_per_cpu_second"] == pytest.approx(50)
     assert result["local/bare"] == pytest.approx(1 / 1.02)
     assert result["local/bare met"] and result["local/bare target"] == 0.97
     assert result["local/bare cpu"] == pytest.approx(1)
     assert result["tune/bare"] == pytest.approx(0.8)
+    assert result["tune/bare rounds"] == pytest.approx([0.8, 0.8])
     assert not result["tune/bare met"]
-    assert result["tune"]["images_per_cpu_second"] == pytest.approx(40)
-    assert result["tune/bare cpu"] == pytest.approx(0.8)
 
 
 def test_model_variants_change_one_factor_at_a_time(config):
@@ -73,7 +80,9 @@ def test_model_variants_change_one_factor_at_a_time(config):
         (True, True),
     }
     assert sorted({v.batch_size for v in cpu}) == [16, 32, 64, 128]
-    assert bench.model_variants(config, gpu=True)[0] == bench.Variant(True, True, 32, 1, False)
+    gpu = bench.model_variants(config, gpu=True)
+    assert gpu[0] == bench.Variant(True, True, 32, 16, False)  # auto: 16 steps with a GPU.
+    assert [v.steps_per_execution for v in gpu if v.steps_per_execution != 16] == [1]
     quick = bench.model_variants(config, gpu=False, factors=QUICK.model_factors)
     assert [(v.steps_per_execution, v.augment) for v in quick] == [
         (1, False),
@@ -195,8 +204,12 @@ def test_command_line_runs_the_ray_sections(tmp_path, ray_env):
     for way in ("bare", "local", "tune"):
         assert _positive(overhead[way]["images_per_second"]), way
         assert _positive(overhead[way]["images_per_cpu_second"]), way
-        assert len(overhead[way]["cycles"]) == QUICK.overhead_epochs - 2
+        cycles = QUICK.overhead_rounds * (QUICK.overhead_epochs - 2)
+        assert len(overhead[way]["cycles"]) == cycles, way
     assert _positive(overhead["local/bare"]) and _positive(overhead["tune/bare"])
+    assert len(overhead["tune/bare rounds"]) == QUICK.overhead_rounds
+    assert 0 < overhead["ray_idle_cpu_share"] < os.cpu_count()
+    assert "Ray's own processes took" in result.stdout
     startup = results["startup"]
     assert set(startup["load"]) == set(startup["trial"]) == {"small", "full"}
     for trial in startup["trial"].values():
