@@ -390,8 +390,41 @@ def run_bare(config: TrialConfig, data) -> dict[str, list[float]]:
     return {"wall": clock.ends, "cpu": clock.cpu_ends}
 
 
+MACHINERY_KEY = "bench_epoch_end_seconds"
+
+
+def _timed_reporter(base, created: list | None = None):
+    """A subclass of the trial's EpochReporter that times its own epoch-end work (the
+    checkpoint and the report) and sends the times so far with each report; each one
+    made is appended to `created`."""
+
+    class TimedReporter(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.epoch_end_seconds: list[float] = []
+            if created is not None:
+                created.append(self)
+            inner, seconds = self.sink, self.epoch_end_seconds
+
+            class TimingSink:
+                def report(self, metrics, checkpoint):
+                    inner.report({**metrics, MACHINERY_KEY: list(seconds)}, checkpoint)
+
+            self.sink = TimingSink()
+
+        def on_epoch_end(self, epoch, logs=None):
+            started = time.perf_counter()
+            super().on_epoch_end(epoch, logs)
+            self.epoch_end_seconds.append(time.perf_counter() - started)
+            if self.final is not None:  # The last report goes out after fit, with all times.
+                self.final[0][MACHINERY_KEY] = list(self.epoch_end_seconds)
+
+    return TimedReporter
+
+
 def run_local_mode(config: TrialConfig, data, workdir: Path) -> dict[str, list[float]]:
     """The local single-trial mode, timed at each epoch's progress line (after its report)."""
+    from study import trainable
     from study.local import run_local
 
     times = {"wall": [], "cpu": []}
@@ -400,15 +433,28 @@ def run_local_mode(config: TrialConfig, data, workdir: Path) -> dict[str, list[f
         times["wall"].append(time.perf_counter())
         times["cpu"].append(time.process_time())
 
-    run_local(config, data, workdir / "local", echo=clock)
+    original, reporters = trainable.EpochReporter, []
+    trainable.EpochReporter = _timed_reporter(original, reporters)
+    try:
+        run_local(config, data, workdir / "local", echo=clock)
+    finally:
+        trainable.EpochReporter = original
+    times["machinery"] = reporters[-1].epoch_end_seconds
     return times
 
 
-def summarise_overhead(rounds: list[dict[str, dict[str, list[float]]]], images: int) -> dict:
+def summarise_overhead(
+    rounds: list[dict[str, dict[str, list[float]]]], images: int, daemon_share: float = 0.0
+) -> dict:
     """Steady-state images/s of each way over all rounds, by the wall clock and per
     CPU-second of the training process, and each way's ratio to the bare fit. The wall
-    clock is what the targets judge; the CPU figure counts the work a way adds, and barely
-    moves when other processes share the machine. Per-round ratios show the spread."""
+    clock is what the targets judge; the CPU figure counts the work a way adds. Per-round
+    ratios show the spread.
+
+    Where a way timed its own epoch-end work ("machinery": checkpoint and report, one
+    entry per epoch), its share of the steady cycles' time gives an accounted ratio,
+    1 - share, which a slow spell of the machine barely moves; for Tune it also takes off
+    `daemon_share`, the part of the machine that Ray's own processes use."""
     ways = [way for way in ("bare", "local", "tune") if way in rounds[0]]
     wall = {way: [steady_rates(r[way]["wall"], images) for r in rounds] for way in ways}
     cpu = {way: [steady_rates(r[way].get("cpu", []), images) for r in rounds] for way in ways}
@@ -437,7 +483,22 @@ def summarise_overhead(rounds: list[dict[str, dict[str, list[float]]]], images: 
             ratio(median_or_none(mine), median_or_none(theirs))
             for mine, theirs in zip(wall[way], wall["bare"], strict=True)
         ]
+        if all("machinery" in r[way] for r in rounds):
+            share = _machinery_share([r[way] for r in rounds], images)
+            result[way]["machinery_share"] = share
+            result[f"{key} accounted"] = 1 - share - (daemon_share if way == "tune" else 0.0)
     return result
+
+
+def _machinery_share(runs: list[dict[str, list[float]]], images: int) -> float:
+    """The epoch-end work's share of the steady cycles' time, over all runs. Cycle k runs
+    from epoch k's report to epoch k+1's, so it holds epoch k+1's epoch-end work."""
+    work = cycles = 0.0
+    for run in runs:
+        rates = steady_rates(run["wall"], images)
+        work += sum(run["machinery"][1 : 1 + len(rates)])
+        cycles += sum(images / rate for rate in rates)
+    return work / cycles if cycles else math.nan
 
 
 def _children_cpu() -> dict[int, float]:
@@ -460,27 +521,43 @@ def _cpu_since(before: dict[int, float]) -> float:
 
 
 def measure_overhead(config: TrialConfig, data, sizes: Sizes, temp: Path, gpu: bool, echo):
-    """Rounds of a bare fit, the local mode and one Tune trial, in turn, with Ray up
-    throughout: a slow spell of the machine then hits every way alike. What Ray's own
-    processes take while the bare and local runs go is reported beside the ratios."""
+    """Rounds of a bare fit, the local mode and one Tune trial, with Ray up throughout; each
+    round starts with the next way (bare-local-Tune, local-Tune-bare, Tune-bare-local), so
+    that a slow spell of the machine, or the wake of the way before, hits every way alike.
+    What Ray's own processes take while the bare and local runs go is reported too."""
     run_config = overhead_config(config, sizes.overhead_images, sizes.overhead_epochs)
     images = len(data_lib.split(data, run_config.data, seed=0).y_train)
-    rounds, ray_cpu, ray_wall = [], 0.0, 0.0
+    ray_time = {"cpu": 0.0, "wall": 0.0}
+
+    def in_process(run):
+        started, before = time.perf_counter(), _children_cpu()
+        times = run()
+        ray_time["cpu"] += _cpu_since(before)
+        ray_time["wall"] += time.perf_counter() - started
+        return times
+
+    def tune_trial(number):
+        gpus = 1.0 if gpu else 0.0
+        run = run_tune(timed_trial, run_config, data, temp / "ray", f"overhead{number}", 1, gpus)
+        machinery = run["results"][0][-1][MACHINERY_KEY]
+        return {"wall": run["arrivals"][0], "cpu": run["cpu"][0], "machinery": machinery}
+
+    ways = {
+        "bare": lambda number: in_process(lambda: run_bare(run_config, data)),
+        "local": lambda number: in_process(
+            lambda: run_local_mode(run_config, data, temp / f"round{number}")
+        ),
+        "tune": tune_trial,
+    }
+    names, rounds = list(ways), []
     for number in range(1, sizes.overhead_rounds + 1):
-        echo(f"3. overhead, round {number} of {sizes.overhead_rounds}: bare, local, Tune ...")
-        started, started_cpu = time.perf_counter(), _children_cpu()
-        times = {
-            "bare": run_bare(run_config, data),
-            "local": run_local_mode(run_config, data, temp / f"round{number}"),
-        }
-        ray_cpu += _cpu_since(started_cpu)
-        ray_wall += time.perf_counter() - started
-        name = f"overhead{number}"
-        run = run_tune(study_trial, run_config, data, temp / "ray", name, 1, 1.0 if gpu else 0.0)
-        times["tune"] = {"wall": run["arrivals"][0], "cpu": run["cpu"][0]}
-        rounds.append(times)
-    result = summarise_overhead(rounds, images)
-    result["ray_idle_cpu_share"] = ray_cpu / ray_wall  # Of one CPU, beside bare and local.
+        shift = (number - 1) % len(names)
+        order = names[shift:] + names[:shift]
+        echo(f"3. overhead, round {number} of {sizes.overhead_rounds}: {', '.join(order)} ...")
+        rounds.append({name: ways[name](number) for name in order})
+    idle = ray_time["cpu"] / ray_time["wall"]  # Of one CPU.
+    result = summarise_overhead(rounds, images, daemon_share=idle / (os.cpu_count() or 1))
+    result["ray_idle_cpu_share"] = idle
     return result
 
 
@@ -511,6 +588,15 @@ def measure_load(config: TrialConfig, path: Path) -> tuple[data_lib.CifarData, d
         "seconds": seconds,
         "microseconds_per_image": 1e6 * seconds / images,
     }
+
+
+def timed_trial(params: dict, data) -> None:
+    """A study's trial whose reporter also times its own epoch-end work (in its own Ray
+    worker, so swapping the class touches nothing else)."""
+    from study import trainable
+
+    trainable.EpochReporter = _timed_reporter(trainable.EpochReporter)
+    trainable.tune_trainable(params, data)
 
 
 def study_trial(params: dict, data) -> None:
@@ -850,6 +936,14 @@ def _overhead_lines(section: dict) -> list[str]:
                 + ", ".join(_number(value, 2) for value in section[f"{key} rounds"])
             )
         lines.append(line)
+        if f"{key} accounted" in section:
+            share = section[way]["machinery_share"]
+            daemons = " and Ray's daemons" if way == "tune" else ""
+            lines.append(
+                f"   {'':<16} checkpoint and report took {100 * share:.1f}% of each cycle: "
+                f"{key} {_number(section[f'{key} accounted'], 3)} by accounting "
+                f"(its own time{daemons} taken off)"
+            )
     if "ray_idle_cpu_share" in section:
         lines.append(
             f"   Ray's own processes took {100 * section['ray_idle_cpu_share']:.1f}% of one CPU "

@@ -47,16 +47,24 @@ def test_steady_rates_leave_out_the_first_and_the_last_epoch():
 def test_overhead_ratios_compare_each_way_with_bare_fit():
     first = {
         "bare": {"wall": [0.0, 1.0, 2.0, 3.0, 9.0], "cpu": [0.0, 2.0, 4.0, 6.0, 9.0]},
-        "local": {"wall": [0.0, 1.02, 2.04, 3.06, 9.0], "cpu": [1.0, 3.0, 5.0, 7.0, 9.0]},
+        "local": {
+            "wall": [0.0, 1.02, 2.04, 3.06, 9.0],
+            "cpu": [1.0, 3.0, 5.0, 7.0, 9.0],
+            # Epoch-end work per epoch; epochs 2 to 4 end inside the steady cycles.
+            "machinery": [0.5, 0.01, 0.02, 0.03, 0.0],
+        },
         # A trial process that ended before its CPU time was read gives NaN: left out.
-        "tune": {"wall": [5.0, 6.25, 7.5, 8.75, 20.0], "cpu": [0.0, 2.5, math.nan, 7.5, 9.0]},
+        "tune": {
+            "wall": [5.0, 6.25, 7.5, 8.75, 20.0],
+            "cpu": [0.0, 2.5, math.nan, 7.5, 9.0],
+            "machinery": [0.5, 0.05, 0.05, 0.05, 0.0],
+        },
     }
     # A slow spell in round two: every way at half speed.
     second = {
-        way: {"wall": [2 * t for t in times["wall"]], "cpu": times["cpu"]}
-        for way, times in first.items()
+        way: {**times, "wall": [2 * t for t in times["wall"]]} for way, times in first.items()
     }
-    result = bench.summarise_overhead([first, second], 100)
+    result = bench.summarise_overhead([first, second], 100, daemon_share=0.02)
     assert result["rounds"] == 2
     assert sorted(result["bare"]["cycles"]) == pytest.approx([50, 50, 50, 100, 100, 100])
     assert result["bare"]["images_per_second"] == pytest.approx(75)
@@ -67,6 +75,11 @@ def test_overhead_ratios_compare_each_way_with_bare_fit():
     assert result["tune/bare"] == pytest.approx(0.8)
     assert result["tune/bare rounds"] == pytest.approx([0.8, 0.8])
     assert not result["tune/bare met"]
+    # Accounting: epoch-end seconds over the steady cycles' seconds, both rounds.
+    assert result["local"]["machinery_share"] == pytest.approx(0.12 / (3 * 1.02 + 3 * 2.04))
+    assert result["local/bare accounted"] == pytest.approx(1 - 0.12 / 9.18)
+    assert result["tune/bare accounted"] == pytest.approx(1 - 0.3 / (3 * 1.25 + 3 * 2.5) - 0.02)
+    assert "bare/bare accounted" not in result and "machinery_share" not in result["bare"]
 
 
 def test_model_variants_change_one_factor_at_a_time(config):
@@ -208,6 +221,8 @@ def test_command_line_runs_the_ray_sections(tmp_path, ray_env):
         assert len(overhead[way]["cycles"]) == cycles, way
     assert _positive(overhead["local/bare"]) and _positive(overhead["tune/bare"])
     assert len(overhead["tune/bare rounds"]) == QUICK.overhead_rounds
+    for key in ("local/bare accounted", "tune/bare accounted"):
+        assert 0 < overhead[key] < 1, key
     assert 0 < overhead["ray_idle_cpu_share"] < os.cpu_count()
     assert "Ray's own processes took" in result.stdout
     startup = results["startup"]
