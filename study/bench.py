@@ -7,8 +7,10 @@ so the benchmark needs no download. Five sections:
              steps per execution and augmentation: after a warm-up, the median of runs.
 2. pipeline  images/s of the trial's tf.data input alone, and its ratio to the model's rate.
 3. overhead  the same training three ways: a bare `model.fit`, the local mode, one Ray Tune
-             trial. Steady-state images/s over whole epoch cycles (training, validation,
-             checkpoint, report), the first epoch (tracing) and the last (test) left out.
+             trial, in rounds that rotate their order. Steady-state images/s over whole
+             epoch cycles (training, validation, checkpoint, report), the first epoch
+             (tracing) and the last left out; and the share of each cycle that the
+             trial's own checkpoint and report took, as an accounted ratio.
 4. startup   loading the official-format tarball at two data sizes, and a Tune trial's
              launch to its first training step with data of each size.
 5. packing   GPU only: aggregate images/s with 1, 2 and 4 trials per GPU.
@@ -1066,6 +1068,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quick", action="store_true", help="tiny sizes: checks that it runs, in a minute"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds of the overhead section (default: 3; more rounds, less noise)",
+    )
+    parser.add_argument(
         "--sections",
         default="model,pipeline,overhead,startup,packing",
         help="comma-separated sections to run (default: all)",
@@ -1094,6 +1101,10 @@ def options_from(args: argparse.Namespace, gpu: bool) -> Options:
     else:
         config, note = with_values(config, model__width=CPU_WIDTH), "CPU default; --width sets it"
     sizes = SIZES["quick" if args.quick else "gpu" if gpu else "cpu"]
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise ConfigError(f"--rounds: {args.rounds}; it must be at least 1")
+        sizes = replace(sizes, overhead_rounds=args.rounds)
     return Options(config, sizes, note, args.out, sections, args.gpu_targets)
 
 

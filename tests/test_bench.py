@@ -176,6 +176,9 @@ def test_command_line_options():
     assert options("--set", "training.batch_size=64").config.training.batch_size == 64
     with pytest.raises(ConfigError, match="--sections: unknown bogus"):
         options("--sections", "model,bogus")
+    assert options("--rounds", "6").sizes.overhead_rounds == 6
+    with pytest.raises(ConfigError, match="--rounds: 0; it must be at least 1"):
+        options("--rounds", "0")
 
 
 def test_gpu_targets_are_checked_only_on_a_gpu():
