@@ -5,7 +5,6 @@ Slow (each starts Ray): about a minute per study on 2 cores.
 
 import os
 import signal
-import subprocess
 import sys
 
 import optuna
@@ -14,7 +13,6 @@ import pytest
 import yaml
 
 from .conftest import (
-    REPO,
     free_port,
     read_trials,
     run_cli,
@@ -190,14 +188,7 @@ def test_interrupted_then_killed_study_resumes_without_losing_or_repeating_work(
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
 
-    result = subprocess.run(
-        resume,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ray_env,
-    )
+    result = run_cli(*resume[2:], env=ray_env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "only resume studies from folders you trust" in result.stderr
     after = read_trials(folder)
