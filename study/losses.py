@@ -39,22 +39,7 @@ def _focal(config):
 
 
 def _crammer_singer(config):
-    import keras
-    from keras import ops
-
-    @keras.saving.register_keras_serializable(package="study")
-    class CrammerSingerHinge(keras.losses.Loss):
-        """The textbook multi-class hinge: max(0, 1 + best wrong score - true score).
-
-        Keras' CategoricalHinge takes max((1 - y) * s), which is 0 rather than the best
-        wrong score whenever every wrong score is negative.
-        """
-
-        def call(self, y_true, y_pred):
-            y_true = ops.cast(y_true, y_pred.dtype)
-            true_score = ops.sum(y_true * y_pred, axis=-1)
-            best_wrong = ops.max(ops.where(y_true > 0, float("-inf"), y_pred), axis=-1)
-            return ops.relu(1.0 + best_wrong - true_score)
+    from study.keras_objects import CrammerSingerHinge
 
     return CrammerSingerHinge(name="categorical_hinge")
 
