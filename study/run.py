@@ -159,7 +159,7 @@ def run_confirm_command(args) -> int:
 def run_local_command(args) -> int:
     from study import data as data_lib
 
-    config = load_study(args.config, args.overrides, _values(args)).trial
+    config = load_study(args.config, args.overrides, _values(args), check_space=False).trial
     data_lib.resolve_path(config.data.dataset, config.data.data_dir)
     run_dir = _run_dir(args)
 

@@ -218,8 +218,14 @@ def _check_baseline(trial: TrialConfig, search: SearchConfig) -> None:
     _validate_with(trial.to_dict(), search.baseline, "search.baseline")
 
 
-def load_study(path: str | Path | None = None, overrides=(), values=None) -> StudyConfig:
-    """Reads a config file, applies `--set` overrides (trial or `search.` keys), validates."""
+def load_study(
+    path: str | Path | None = None, overrides=(), values=None, check_space: bool = True
+) -> StudyConfig:
+    """Reads a config file, applies `--set` overrides (trial or `search.` keys), validates.
+
+    Without `check_space` (the local mode, which runs the trial sections only) the search
+    section's form is checked, but not whether its values pair with this trial config.
+    """
     raw = read_yaml(Path(path)) if path is not None else {}
     search_raw = raw.pop("search", None)
     search_raw = {} if search_raw is None else search_raw  # `search:` with nothing under it.
@@ -246,7 +252,7 @@ def load_study(path: str | Path | None = None, overrides=(), values=None) -> Stu
         raise ConfigError(format_error(error, SearchConfig, prefix="search.")) from None
     if search.searcher == "grid":
         _check_grid(search)
-    if search.space:
+    if search.space and check_space:
         _check_space(trial, search)
         _check_baseline(trial, search)
     return StudyConfig(trial=trial, search=search)

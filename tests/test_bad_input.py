@@ -305,8 +305,12 @@ CASES = {
     "config-unknown-distribution": Case(
         ("--config", "@bad-distribution.yaml"), ("unknown key 'search.space.loss.name.choise'",)
     ),
+    # Whether the space's values pair with the trial config is the study's check: --local
+    # runs the trial sections (test_local_checks_only_the_trial_and_not_the_search_space).
     "config-space-unknown-loss": Case(
-        ("--config", "@space-unknown-loss.yaml"), ("search.space.loss.name", "unknown loss 'nope'")
+        ("--config", "@space-unknown-loss.yaml"),
+        ("search.space.loss.name", "unknown loss 'nope'"),
+        STUDY,
     ),
     "config-space-empty-range": Case(
         ("--config", "@space-empty-range.yaml"),
@@ -322,6 +326,7 @@ CASES = {
     "config-baseline-outside-space": Case(
         ("--config", "@baseline-outside.yaml"),
         ("search.baseline.optimizer.name", "'rmsprop' lies outside"),
+        STUDY,
     ),
     # --set overrides.
     "set-without-equals": Case(("--set", "noequals"), ("--set 'noequals'", "section.key=value")),
@@ -774,3 +779,16 @@ def test_random_command_lines_never_end_in_a_traceback(tokens, files, tripwires)
     lines = stderr.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr.getvalue()
     assert not any(ray_tmp.iterdir())
+
+
+def test_local_checks_only_the_trial_and_not_the_search_space(files, tripwires, capsys):
+    """--local runs the trial sections: label smoothing, which the space's hinge cannot
+    take, is the study's to refuse, with the same line as ever; the local trial runs."""
+    storage, _ = tripwires
+    case = Case(("--set", "loss.label_smoothing=0.1"), ())
+    with pytest.raises(Started):
+        run.main(_argv(case, "local", files, storage))
+    assert run.main(_argv(case, "study", files, storage)) == run.EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert error.startswith("error: search.space.loss.name: with loss.name=hinge: loss: ")
+    assert "label_smoothing > 0 is not defined for loss 'hinge'" in error
