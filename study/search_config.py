@@ -38,6 +38,10 @@ from study.config import (
 RANKABLE_METRICS = (METRIC,)
 
 
+# Data-parallel training is not built: a trial given two GPUs would train on one.
+ONE_GPU = "a trial trains on one GPU, so at most 1 (fractions such as 0.25 pack trials on a GPU)"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -127,6 +131,13 @@ class SearchConfig(_Strict):
                 f"unknown metric {value!r}; allowed: {', '.join(RANKABLE_METRICS)} "
                 "(never a loss: values of different losses are not comparable)"
             )
+        return value
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _one_gpu_at_most(cls, value):
+        if value is not None and value > 1:
+            raise ValueError(f"{value:g}; {ONE_GPU}")
         return value
 
     @property

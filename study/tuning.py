@@ -17,7 +17,7 @@ import yaml
 from study import data as data_lib
 from study import results
 from study.config import MODE, ConfigError
-from study.search_config import StudyConfig, load_study
+from study.search_config import ONE_GPU, StudyConfig, load_study
 
 # Ray's newer console output ignores a custom reporter; the classic one can be trimmed.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -66,6 +66,8 @@ def check_options(options: StudyOptions) -> None:
             f"--gpus-per-trial: {options.gpus_per_trial:g} is more than the study's "
             f"--gpus {options.gpus:g}"
         )
+    if options.gpus_per_trial and options.gpus_per_trial > 1:
+        raise ConfigError(f"--gpus-per-trial: {options.gpus_per_trial:g}; {ONE_GPU}")
     if options.gpus_per_trial and not options.gpus:
         raise ConfigError("--gpus-per-trial: the study has no GPUs; pass --gpus N as well")
     if options.cpus_per_trial is not None and options.cpus_per_trial <= 0:

@@ -398,6 +398,17 @@ CASES = {
         ("--gpus-per-trial: 2 is more than the study's --gpus 1",),
         STUDY,
     ),
+    # A trial trains on one GPU: a second one would sit idle, so it is not accepted.
+    "flag-gpus-per-trial-above-one": Case(
+        ("--gpus", "4", "--gpus-per-trial", "2"),
+        ("--gpus-per-trial: 2", "a trial trains on one GPU", "at most 1"),
+        STUDY,
+    ),
+    "flag-config-gpus-per-trial-above-one": Case(
+        ("--gpus", "4", "--set", "search.gpus_per_trial=1.5"),
+        ("search.gpus_per_trial: 1.5", "a trial trains on one GPU", "at most 1"),
+        STUDY,
+    ),
     "flag-gpus-per-trial-without-gpus": Case(
         ("--gpus-per-trial", "1"), ("--gpus-per-trial", "the study has no GPUs"), STUDY
     ),
