@@ -8,6 +8,7 @@ Ray's experiment state (trial folders with checkpoints), from which `--resume` c
 
 import math
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,28 @@ def check_options(options: StudyOptions) -> None:
         raise ConfigError("--cpus-per-trial: must be > 0")
     if not options.name or "/" in options.name or options.name in (".", ".."):
         raise ConfigError(f"--name: {options.name!r} must be a plain folder name")
+    check_address(options.address)
+
+
+def check_address(address: str | None, timeout: float = 3.0) -> None:
+    """Refuses a cluster address where nothing answers, which Ray would retry for minutes.
+
+    `auto` is Ray's to find; HOST:PORT (the head's GCS) and ray://HOST:PORT (Ray Client)
+    must accept a TCP connection.
+    """
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address: {address!r}; expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(
+            f"--address: nothing answers at {host}:{port} ({reason}); is the cluster up "
+            "(`ray start --head` on its head node) and the port right?"
+        ) from None
 
 
 def prepare(study: StudyConfig, options: StudyOptions) -> StudyConfig:

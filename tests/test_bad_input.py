@@ -32,9 +32,10 @@ from study import run, synthetic, tuning
 from study.config import ConfigError, TrialConfig
 from study.search_config import SearchConfig, load_study
 
-from .conftest import TINY_STUDY, run_cli
+from .conftest import TINY_STUDY, free_port, run_cli
 
 BOTH = ("study", "local")
+CLOSED_PORT = free_port()
 STUDY = ("study",)
 
 
@@ -415,6 +416,23 @@ CASES = {
     "flag-config-gpus-per-trial-above-gpus": Case(
         ("--gpus", "1", "--set", "search.gpus_per_trial=2"), ("search.gpus_per_trial", "2"), STUDY
     ),
+    # Nothing listens there (a port this test bound and let go): refused at once, where
+    # Ray would retry for minutes.
+    "flag-address-where-nothing-answers": Case(
+        ("--address", f"127.0.0.1:{CLOSED_PORT}"),
+        (f"--address: nothing answers at 127.0.0.1:{CLOSED_PORT}", "ray start --head"),
+        STUDY,
+    ),
+    "flag-address-client-where-nothing-answers": Case(
+        ("--address", f"ray://127.0.0.1:{CLOSED_PORT}"),
+        (f"--address: nothing answers at 127.0.0.1:{CLOSED_PORT}",),
+        STUDY,
+    ),
+    "flag-address-without-port": Case(
+        ("--address", "headnode"),
+        ("--address: 'headnode'", "auto, HOST:PORT or ray://HOST:PORT"),
+        STUDY,
+    ),
     "flag-name-with-a-slash": Case(("--name", "a/b"), ("--name: 'a/b' must be a plain folder",)),
     "flag-name-of-an-earlier-run": Case(("--name", "earlier"), ("earlier already exists",)),
     "flag-resume-without-name": Case(("--resume",), ("--resume: name the study",), STUDY),
@@ -568,6 +586,9 @@ def test_the_hostile_payloads_are_live(tmp_path):
         ("study", ("--data-dir", "@pickle-system.tar.gz"), "refused global"),
         # A flag argparse refuses: one line, not the usage.
         ("flag", ("--gpus", "nan"), "argument --gpus: 'nan' is not a number >= 0"),
+        # An address where nothing listens: refused at once, where Ray would retry for
+        # minutes (this test's timeout).
+        ("address", ("--address", f"127.0.0.1:{CLOSED_PORT}"), "nothing answers at"),
         # The local path, a bad override.
         ("local", ("--local", "--set", "loss.name=nope"), "loss.name: unknown loss 'nope'"),
     ],
