@@ -50,8 +50,8 @@ class DataConfig(_Section):
     dataset: str = "cifar100"
     # CIFAR-100 has 100 fine and 20 coarse classes; CIFAR-10 ignores this.
     label_mode: Literal["fine", "coarse"] = "fine"
-    # The official tarball, a folder holding it, or its extracted folder. None: Keras cache,
-    # downloading once if needed.
+    # The official tarball, a folder holding it, or its extracted folder. None: the download
+    # cache (~/.keras/datasets), downloading once if needed.
     data_dir: str | None = None
     # "split": validate on a stratified split carved from the training set, keeping the
     # test set for the final evaluation only. "test": validate on the test set, as the

@@ -6,9 +6,15 @@ them on the device (study/model.py).
 """
 
 import gzip
+import hashlib
 import io
+import os
 import pickle
+import shutil
+import sys
 import tarfile
+import tempfile
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,34 +262,70 @@ def _locate(data_dir: Path, source: Source) -> Path:
     )
 
 
-def _download(source: Source) -> Path:
-    """Returns the cached official tarball, downloading it (and checking its hash) once."""
-    from keras.utils import get_file  # Keras imports TensorFlow: only when needed.
+def cache_dir() -> Path:
+    """Where downloads are kept: Keras's own cache (`$KERAS_HOME/datasets`, by default
+    `~/.keras/datasets`), so that a tarball Keras fetched before is found there."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser() / "datasets"
 
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, folder: Path) -> Path:
+    """Downloads `url` into a hidden temporary file in `folder`; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".download-")
     try:
-        return Path(
-            get_file(
-                fname=source.filename,
-                origin=source.url,
-                file_hash=source.sha256,
-                cache_subdir="datasets",
-            )
-        )
-    except Exception as error:
-        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(handle, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return Path(temporary)
+
+
+def _download(source: Source) -> Path:
+    """Returns the cached official tarball, downloading it (and checking its hash) once.
+
+    Standard library only: the driver, which calls this, never imports TensorFlow.
+    """
+    path = cache_dir() / source.filename
+    if path.is_file() and _sha256(path) == source.sha256:
+        return path
+    print(f"downloading {source.url} to {path}", file=sys.stderr)
+    try:
+        temporary = _fetch(source.url, path.parent)
+    except (OSError, ValueError) as error:  # URLError, timeouts and HTTP errors are OSErrors.
+        reason = str(getattr(error, "reason", "") or error).splitlines()[0][:160]
         raise DataError(
             f"could not download {source.url} ({reason}); without network access pass "
             f"--data-dir PATH to {source.filename} or its extracted folder"
         ) from None
+    got = _sha256(temporary)
+    if got != source.sha256:
+        temporary.unlink()
+        raise DataError(
+            f"{source.url}: the download's SHA-256 is {got}, not the official "
+            f"{source.sha256}; nothing was kept (a proxy or a broken transfer?)"
+        )
+    os.replace(temporary, path)
+    return path
 
 
 def resolve_path(dataset: str, data_dir: str | Path | None) -> Path | None:
-    """Checks a --data-dir cheaply (before any training work); None means the Keras cache."""
+    """Checks a --data-dir cheaply (before any training work); None means the download
+    cache."""
     return None if data_dir is None else _locate(Path(data_dir).expanduser(), DATASETS[dataset])
 
 
 def load_cifar(dataset: str, data_dir: str | Path | None = None, label_mode="fine") -> CifarData:
-    """Loads CIFAR-10 or CIFAR-100 from `data_dir`, or from the Keras cache / the internet."""
+    """Loads CIFAR-10 or CIFAR-100 from `data_dir`, or from the download cache (downloading
+    the official tarball once)."""
     source = DATASETS[dataset]
     path = resolve_path(dataset, data_dir) or _download(source)
     return _decode(_read_members(path, source), source, label_mode, path)

@@ -205,6 +205,28 @@ def wait_for_nodes(address: str, count: int, env: dict) -> None:
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=180).returncode == 0
 
 
+@contextlib.contextmanager
+def http_server(folder: Path):
+    """Serves `folder` over HTTP on 127.0.0.1 in a thread; yields the base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def wait_for(predicate, timeout=300, interval=1.0):
     deadline = time.time() + timeout
     while time.time() < deadline:

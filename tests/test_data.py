@@ -1,10 +1,15 @@
 """Reading the official files safely, splitting, and the tf.data input pipeline."""
 
+import hashlib
 import io
 import os
 import pickle
 import pickletools
+import shutil
+import subprocess
+import sys
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +18,7 @@ from study import data as data_lib
 from study import synthetic
 from study.config import DataConfig
 
-from .conftest import shared_sample
+from .conftest import REPO, free_port, http_server, shared_sample
 
 
 def _globals(blob: bytes) -> set:
@@ -108,35 +113,95 @@ def test_ambiguous_folder_names_the_candidates(tmp_path):
         data_lib.load_cifar("cifar10", tmp_path)
 
 
-def test_download_failure_says_use_data_dir(monkeypatch):
-    import keras
+@pytest.fixture
+def served(tmp_path, cifar100_tarball, monkeypatch):
+    """The small CIFAR-100 tarball served on 127.0.0.1 as if it were the official one (its
+    URL and hash put in the registry), and an empty Keras cache folder."""
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(cifar100_tarball, site / "cifar-100-python.tar.gz")
+    digest = hashlib.sha256(cifar100_tarball.read_bytes()).hexdigest()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with http_server(site) as url:
+        source = replace(
+            data_lib.DATASETS["cifar100"], url=f"{url}/cifar-100-python.tar.gz", sha256=digest
+        )
+        monkeypatch.setitem(data_lib.DATASETS, "cifar100", source)
+        yield source
 
-    def offline(**kwargs):
-        raise OSError("Name or service not known")
 
-    monkeypatch.setattr(keras.utils, "get_file", offline)
+def test_the_registry_holds_the_official_urls_and_hashes():
+    cifar100, cifar10 = data_lib.DATASETS["cifar100"], data_lib.DATASETS["cifar10"]
+    assert cifar100.url == "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    assert cifar100.sha256 == "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
+    assert cifar10.url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert cifar10.sha256 == "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+
+
+def test_download_checks_the_hash_and_caches_where_keras_does(served, tmp_path, capsys):
+    data = data_lib.load_cifar("cifar100")
+    assert data.x_train.shape == (500, 32, 32, 3) and len(data.class_names) == 100
+    cached = tmp_path / "keras" / "datasets" / "cifar-100-python.tar.gz"
+    assert cached.read_bytes() == (tmp_path / "site" / "cifar-100-python.tar.gz").read_bytes()
+    assert f"downloading {served.url}" in capsys.readouterr().err
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # No leftovers.
+    # Once cached, no download: the site can go.
+    (tmp_path / "site" / "cifar-100-python.tar.gz").unlink()
+    assert data_lib.load_cifar("cifar100").x_train.shape == (500, 32, 32, 3)
+    assert "downloading" not in capsys.readouterr().err
+
+
+def test_a_download_with_the_wrong_hash_is_refused_and_not_kept(served, tmp_path, monkeypatch):
+    monkeypatch.setitem(data_lib.DATASETS, "cifar100", replace(served, sha256="0" * 64))
     with pytest.raises(data_lib.DataError) as error:
         data_lib.load_cifar("cifar100")
     message = str(error.value)
+    assert "SHA-256" in message and "0" * 64 in message and "\n" not in message
+    folder = tmp_path / "keras" / "datasets"
+    assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_download_failure_says_use_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    official = data_lib.DATASETS["cifar100"]
+    nowhere = replace(official, url=f"http://127.0.0.1:{free_port()}/{official.filename}")
+    monkeypatch.setitem(data_lib.DATASETS, "cifar100", nowhere)
+    with pytest.raises(data_lib.DataError) as error:
+        data_lib.load_cifar("cifar100")
+    message = str(error.value)
+    assert message.startswith(f"could not download {nowhere.url}")
     assert "cifar-100-python.tar.gz" in message and "--data-dir" in message
     assert "\n" not in message
 
 
-def test_download_uses_official_url_and_hash(monkeypatch, cifar100_tarball):
-    import keras
+def test_the_driver_downloads_without_tensorflow(served, tmp_path):
+    """`python -m study.run` without --data-dir, up to the Tuner: the download goes through
+    the standard library, and TensorFlow is never imported by the driver."""
+    script = f"""
+import sys
+from dataclasses import replace
+from study import data, tuning
+data.DATASETS["cifar100"] = replace(data.DATASETS["cifar100"], url={served.url!r},
+                                    sha256={served.sha256!r})
+tuning.connect = tuning.check_cluster = lambda *args: None
 
-    calls = []
+def build_tuner(study, options, loaded):
+    print("tuner for", len(loaded.y_train), "images;",
+          "tensorflow imported" if "tensorflow" in sys.modules else "no tensorflow")
+    raise SystemExit(0)
 
-    def cached(**kwargs):
-        calls.append(kwargs)
-        return str(cifar100_tarball)
-
-    monkeypatch.setattr(keras.utils, "get_file", cached)
-    assert data_lib.load_cifar("cifar100").x_train.shape == (500, 32, 32, 3)
-    assert calls[0]["origin"] == "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
-    assert calls[0]["file_hash"] == (
-        "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
+tuning.build_tuner = build_tuner
+from study import run
+sys.exit(run.main(["--config", "configs/smoke.yaml", "--storage-path", {str(tmp_path)!r},
+                   "--name", "driver", "--set", "data.train_subset=400"]))
+"""
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
     )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tuner for 500 images; no tensorflow" in done.stdout
+    assert (tmp_path / "keras" / "datasets" / "cifar-100-python.tar.gz").is_file()
 
 
 # --- Hostile and damaged files ----------------------------------------------------------
