@@ -39,9 +39,9 @@ from study.config import (
     GPU_STEPS_PER_EXECUTION,
     ConfigError,
     TrialConfig,
-    load_config,
     load_config_dict,
 )
+from study.search_config import load_study
 
 # TensorFlow is imported where it is used, not with this module: a Tune worker that
 # unpickles a trial function from here then imports it inside the trial, as in a study.
@@ -1051,7 +1051,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m study.bench", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--config", help="a trial config (default: the code defaults)")
+    parser.add_argument(
+        "--config", help="a config in configs/: its trial sections (default: the code defaults)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--width",
@@ -1093,7 +1095,8 @@ def options_from(args: argparse.Namespace, gpu: bool) -> Options:
     overrides = list(args.set)
     if args.gpu_targets:
         overrides += ["model.width=1.0", f"training.batch_size={GPU_TARGET_BATCH}"]
-    config = load_config(args.config, overrides)
+    # A study config's trial sections, as --local takes them.
+    config = load_study(args.config, overrides, check_space=False).trial
     if args.width is not None:
         config, note = with_values(config, model__width=args.width), "--width"
     elif gpu or args.gpu_targets:

@@ -15,8 +15,9 @@ import pytest
 from study import bench
 from study import data as data_lib
 from study.config import ConfigError, load_config
+from study.search_config import load_study
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 QUICK = bench.SIZES["quick"]
 
@@ -239,3 +240,17 @@ def test_command_line_runs_the_ray_sections(tmp_path, ray_env):
     if results["machine"]["gpus"] == 0:
         assert results["packing"] == {"skipped": "no GPU on this machine"}
     assert "3. Machinery overhead" in result.stdout and "4. Start-up" in result.stdout
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_accepted_for_its_trial(path):
+    """--config takes a study config, as --local does: its trial sections are benched."""
+    args = bench.parse_args(["--config", str(path), "--width", "0.5"])
+    if path.name.startswith("ray-cluster"):  # A cluster launcher file, not a study config.
+        with pytest.raises(ConfigError, match="unknown key 'cluster_name'"):
+            bench.options_from(args, gpu=False)
+        return
+    trial = load_study(path, check_space=False).trial
+    assert bench.options_from(args, gpu=False).config == trial.model_copy(
+        update={"model": trial.model.model_copy(update={"width": 0.5})}
+    )
