@@ -1,7 +1,10 @@
 """The analysis report and the best-trials notebook, on a real results folder from a tiny
 study (generated data, narrow model)."""
 
+import json
+import re
 import shutil
+from pathlib import Path
 
 import nbclient
 import nbformat
@@ -164,8 +167,17 @@ def test_notebook_runs_headlessly(study_folder, tmp_path):
     printed = "".join(
         output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
     )
-    assert "validation accuracy:" in printed
     assert "no confirmation yet" in printed
+    # The accuracy it prints from the best checkpoint is the one the trial reported for
+    # that checkpoint's epoch (the model gets the uint8 images it was trained on).
+    checkpoint = Path(re.search(r"checkpoint: (\S+)", printed).group(1))
+    epoch = json.loads((checkpoint.parent / "state.json").read_text())["epoch"]
+    trial_id = checkpoint.parent.parent.name.removeprefix("trial_")
+    epochs = pd.read_csv(study_folder / "epochs.csv", dtype={"trial_id": str})
+    reported = epochs[(epochs.trial_id == trial_id) & (epochs.epoch == epoch)].val_accuracy
+    printed_accuracy = float(re.search(r"validation accuracy: ([0-9.]+)", printed).group(1))
+    assert printed_accuracy == pytest.approx(reported.iloc[-1], abs=5e-5)
+    assert printed_accuracy > 0.2  # 10 classes: chance is 0.1.
 
 
 def test_confirmation_in_the_report_and_leaderboard(study_folder, tmp_path):
