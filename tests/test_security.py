@@ -211,4 +211,4 @@ def test_every_model_load_in_the_project_uses_safe_mode():
         for call in re.finditer(r"load_model\(([^)]*)\)", text):
             calls += 1
             assert "safe_mode=True" in call.group(1), f"{path}: {call.group(0)}"
-    assert calls >= 2  # analysis/best_model.py and the notebook.
+    assert calls >= 1  # analysis/best_model.py, through which the notebook loads models.
