@@ -303,21 +303,45 @@ def dump_yaml(config: TrialConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def row_config(base: dict, row) -> dict:
-    """A trial's config from its trials.csv row (dotted columns) laid over the base config;
-    an empty cell is None."""
-    config = {}
-    for section, values in base.items():
-        if not isinstance(values, dict):
-            config[section] = _plain(row.get(section, values))
-            continue
-        config[section] = {
-            key: _plain(row.get(f"{section}.{key}", value)) for key, value in values.items()
-        }
-    return config
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {"optimizer": {"name": "adam"}} gives "optimizer.name"."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def overlay(base: dict[str, Any], values) -> dict[str, Any]:
+    """`values` laid over a copy of the nested `base`: dotted keys (what Tune's searcher and
+    the tables' columns hold) or whole sections. A missing value (None, or NaN from an
+    empty CSV cell) leaves the base value: a key that a search condition left out."""
+    raw = {key: dict(v) if isinstance(v, dict) else v for key, v in base.items()}
+    for key, value in dict(values).items():
+        value = _plain(value)
+        if isinstance(value, dict):
+            for inner, inner_value in flatten(value, f"{key}.").items():
+                if _plain(inner_value) is not None:
+                    set_value(raw, inner, _plain(inner_value))
+        elif value is not None:
+            set_value(raw, key, value)
+    return raw
+
+
+def config_values(row, base: dict[str, Any]) -> dict[str, Any]:
+    """The config's own dotted keys among a table row's columns (trials.csv has others)."""
+    return {key: row[key] for key in flatten(base) if key in row}
+
+
+def from_params(values, base: dict[str, Any] | None = None) -> TrialConfig:
+    """The one way from a trial's values (Tune's config, a trials.csv row) to its config:
+    laid over the study's base config, then validated."""
+    return validate(overlay(base or {}, values))
 
 
 def _plain(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value.item() if hasattr(value, "item") else value
+    """A plain Python value; NumPy scalars unwrapped, NaN (an empty cell) as None."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value

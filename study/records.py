@@ -14,8 +14,7 @@ import pandas as pd
 from ray import tune
 
 from study import results
-from study.config import METRIC
-from study.search import trial_config
+from study.config import METRIC, flatten, from_params
 
 TRIALS_FILE = "trials.csv"
 EPOCHS_FILE = "epochs.csv"
@@ -34,16 +33,6 @@ EPOCH_COLUMNS = (
 PLACEMENT = ("node_id", "node_ip", "hostname", "pid", "gpu_ids")
 
 
-def _flatten(tree: dict, prefix="") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _read(path: Path) -> list[dict]:
     if not path.exists() or path.stat().st_size == 0:
         return []
@@ -55,9 +44,10 @@ def _read(path: Path) -> list[dict]:
 class StudyRecorder(tune.Callback):
     """Writes trials.csv and epochs.csv into the study's results folder as trials report."""
 
-    def __init__(self, results_dir: Path, max_epochs: int):
+    def __init__(self, results_dir: Path, max_epochs: int, base: dict | None = None):
         self.results_dir = Path(results_dir)
         self.max_epochs = max_epochs
+        self.base = base or {}  # The study's base config, under each trial's values.
         self.trials: dict[str, dict] = {}
         self.epochs: list[dict] = []
         self._load()
@@ -74,13 +64,15 @@ class StudyRecorder(tune.Callback):
 
     def _row(self, trial) -> dict:
         if trial.trial_id not in self.trials:
-            config = trial_config(trial.config).to_dict()
+            values = flatten(from_params(trial.config, getattr(self, "base", {})).to_dict())
+            # A key that the search's condition left out is empty, as in Tune's own views.
+            values |= {key: None for key, value in trial.config.items() if value is None}
             self.trials[trial.trial_id] = {
                 "trial_id": trial.trial_id,
                 "status": "pending",
                 "epochs_run": 0,
                 "restarts": 0,
-                **_flatten(config),
+                **values,
             }
         return self.trials[trial.trial_id]
 

@@ -1,118 +1,195 @@
 """The one place that turns a `search` config into Ray Tune and Optuna objects.
 
+A study stratified by a choice key (by default the loss) compares that key's values on an
+equal footing: each value gets an equal share of the trials, its own Optuna study
+(`<study>/<value>` in the study's optuna.db) that models the other keys, and its own ASHA
+rungs; trials of every value interleave in one Tune run. Without stratification one
+Optuna study models the whole space.
+
 The space is Optuna define-by-run: keys are sampled in the order the config lists them,
 so a learning-rate range can depend on the optimizer already chosen and label smoothing
-can be sampled only for the losses that define it. A searched value that a condition
-leaves out keeps the base config's value. Tune's `param_space` is the base config; each
-trial receives it merged with the sampled dotted keys, which `trial_config` resolves.
-Nothing else sees Tune or Optuna.
+can be sampled only for the losses that define it. Each trial's Tune config holds every
+config key once, dotted, with the value the trial trains with; a searched key that a
+condition left out is None there (empty in every table) and the trial trains with the
+base value (`study.config.from_params`). Nothing else sees Tune or Optuna.
 """
 
 import contextlib
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
-from study.config import TrialConfig, set_value, validate
-from study.search_config import SearchConfig
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Searcher
 
-OPTUNA_FILE = "optuna.db"
+from study.config import METRIC, MODE
+from study.search_config import OPTUNA_FILE, SearchConfig
+
 EPOCH = "epoch"  # ASHA's clock: the epochs a trial has reported.
-
-
-def trial_config(params: dict[str, Any]) -> TrialConfig:
-    """A trial's config from what Tune passes: the base config's sections, with the
-    sampled dotted keys (`optimizer.learning_rate`) laid over them."""
-    raw = {
-        key: dict(v) if isinstance(v, dict) else v for key, v in params.items() if "." not in key
-    }
-    for key, value in params.items():
-        if "." in key:
-            set_value(raw, key, value)
-    return validate(raw)
+RAY_TRIAL_ID = "ray_trial_id"  # The user attribute that ties an Optuna trial to Tune's.
 
 
 class DefineByRun:
     """The Optuna define-by-run function for the space, in the config's order.
 
-    A class rather than a closure, because Tune pickles the searcher with its space.
+    `fixed` holds values set beforehand (a stratum's value), which conditions see. Returns
+    every searched key: a value, or None where a condition leaves the key out.
     """
 
-    def __init__(self, search: SearchConfig):
+    def __init__(self, search: SearchConfig, fixed: dict[str, Any] | None = None):
         self.search = search
+        self.fixed = dict(fixed or {})
 
-    def __call__(self, trial) -> None:
-        values: dict[str, Any] = {}
+    def __call__(self, trial) -> dict[str, Any]:
+        values: dict[str, Any] = dict(self.fixed)
         for key, entry in self.search.space.items():
+            if key in values:
+                continue
             if not entry.active(values):
-                continue
-            if entry.kind == "choice":
+                values[key] = None
+            elif entry.kind == "choice":
                 values[key] = trial.suggest_categorical(key, entry.choice)
-                continue
-            low, high = entry.range_for(values)
-            if entry.kind == "integer":
+            elif entry.kind == "integer":
+                low, high = entry.range_for(values)
                 values[key] = trial.suggest_int(key, int(low), int(high))
             else:
-                log = entry.kind == "loguniform"
-                values[key] = trial.suggest_float(key, low, high, log=log)
+                low, high = entry.range_for(values)
+                values[key] = trial.suggest_float(key, low, high, log=entry.kind == "loguniform")
+        return values
 
 
-def _optuna_search_class():
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class StudyOptunaSearch(OptunaSearch):
-        """OptunaSearch that takes metric and mode from TuneConfig for a define-by-run space
-        (Ray's own ignores them there), and tells Optuna a diverged trial failed."""
-
-        def __init__(self, define: "DefineByRun", **kwargs):
-            # Without a space, OptunaSearch defers creating the study (and queueing the
-            # baseline) until Tune passes metric and mode, below.
-            super().__init__(space=None, **kwargs)
-            self._define = define
-
-        def set_search_properties(self, metric, mode, config, **spec):
-            self._space, self._metric, self._mode = self._define, metric, mode
-            self._setup_study(mode)
-            return True
-
-        def on_trial_result(self, trial_id, result):
-            # After a resume, a trial that Optuna already saw finish (its SQLite study is
-            # written at once, Tune's state every few seconds) may report again.
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                super().on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if result and result.get("diverged"):
-                result, error = None, True
-            super().on_trial_complete(trial_id, result=result, error=error)
-
-    return StudyOptunaSearch
+def study_name(name: str, stratum) -> str:
+    """The Optuna study of one stratum: `<study>/<value>`; the study's own name if joint."""
+    return name if stratum is None else f"{name}/{stratum}"
 
 
-def make_searcher(search: SearchConfig, experiment_dir: Path, study_name: str):
-    """OptunaSearch with a seeded TPE (or random) sampler and an SQLite study file."""
-    import optuna
+class StudySearcher(Searcher):
+    """Optuna's TPE (or random) sampler behind Tune's searcher API, one study per stratum.
 
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if search.searcher == "optuna":
+    Optuna's record tells the truth: a trial that ran the full budget is COMPLETE with its
+    best validation accuracy, one that ASHA stopped is PRUNED (its epochs are its
+    intermediate values), a diverged or failed one FAIL; each carries its Tune trial id.
+    """
+
+    def __init__(self, search: SearchConfig, storage: str, name: str, max_epochs: int):
+        super().__init__(metric=METRIC, mode=MODE)
+        self.search, self.storage, self.name, self.max_epochs = search, storage, name, max_epochs
+        self.shares = search.shares()
+        self.suggested = dict.fromkeys(self.shares, 0)
+        self.trials: dict[str, tuple[Any, Any]] = {}  # Tune trial id -> (stratum, Optuna trial)
+        self.best: dict[str, float] = {}
+        self.last_epoch: dict[str, int] = {}
+        self.done: set[str] = set()
+        self._studies: dict[str, Any] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # The metric and mode are the study's constants.
+
+    def study(self, stratum):
+        import optuna
+
+        name = study_name(self.name, stratum)
+        if name not in self._studies:
+            study = optuna.create_study(
+                storage=self.storage,
+                sampler=self._sampler(list(self.shares).index(stratum)),
+                study_name=name,
+                direction="maximize",
+                load_if_exists=True,
+            )
+            if not study.trials:  # A new study: say what it is, queue the baseline.
+                study.set_metric_names([METRIC])
+                if self.search.stratify is not None:
+                    study.set_user_attr("stratify", {self.search.stratify: stratum})
+                if self._holds_baseline(stratum):
+                    fixed = {self.search.stratify} if self.search.stratify else set()
+                    study.enqueue_trial(
+                        {k: v for k, v in self.search.baseline.items() if k not in fixed}
+                    )
+            self._studies[name] = study
+        return self._studies[name]
+
+    def _holds_baseline(self, stratum) -> bool:
+        baseline = self.search.baseline
+        return bool(baseline) and baseline.get(self.search.stratify, stratum) == stratum
+
+    def _sampler(self, index: int):
+        import optuna
+
+        seed = self.search.seed + index  # Each stratum draws its own values.
+        if self.search.searcher == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         # multivariate + group model the conditional space jointly; constant_liar keeps
         # parallel trials from all proposing the same point.
-        sampler = optuna.samplers.TPESampler(
-            seed=search.seed, multivariate=True, group=True, constant_liar=True
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True
         )
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=search.seed)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        waiting = [s for s in self.shares if self.suggested[s] < self.shares[s]]
+        if not waiting:
+            return Searcher.FINISHED
+        # The stratum furthest from its share goes next: strata interleave.
+        stratum = min(waiting, key=lambda s: self.suggested[s] / self.shares[s])
+        self.suggested[stratum] += 1
+        trial = self.study(stratum).ask()
+        trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+        fixed = {} if self.search.stratify is None else {self.search.stratify: stratum}
+        self.trials[trial_id] = (stratum, trial)
+        return DefineByRun(self.search, fixed)(trial)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self.trials or trial_id in self.done or result.get("diverged"):
+            return
+        epoch, value = int(result[EPOCH]), float(result[METRIC])
+        self.best[trial_id] = max(value, self.best.get(trial_id, value))
+        self.last_epoch[trial_id] = epoch
+        with warnings.catch_warnings(), contextlib.suppress(_finished_error()):
+            warnings.simplefilter("ignore")  # An epoch run again after a restore.
+            self.trials[trial_id][1].report(value, epoch)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error=False) -> None:
+        import optuna
+
+        if trial_id not in self.trials or trial_id in self.done:
+            return
+        if result and not result.get("diverged"):
+            self.on_trial_result(trial_id, result)
+        self.done.add(trial_id)
+        state, values = optuna.trial.TrialState.COMPLETE, self.best.get(trial_id)
+        if error or (result or {}).get("diverged") or values is None:
+            state, values = optuna.trial.TrialState.FAIL, None
+        elif self.last_epoch.get(trial_id, 0) < self.max_epochs:
+            state, values = optuna.trial.TrialState.PRUNED, None
+        stratum, trial = self.trials[trial_id]
+        # After a resume, a trial that Optuna already saw finish (SQLite is written at once,
+        # Tune's own state every few seconds) may finish again.
+        with contextlib.suppress(_finished_error()):
+            self.study(stratum).tell(trial, values, state=state)
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {k: v for k, v in self.__dict__.items() if k != "_studies"}
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(state, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.__dict__.update(pickle.load(file))
+        self._studies = {}
+
+
+def _finished_error():
+    import optuna
+
+    return optuna.exceptions.UpdateFinishedTrialError
+
+
+def make_searcher(search: SearchConfig, experiment_dir: Path, name: str, max_epochs: int):
+    """The study's searcher, its Optuna studies in `experiment_dir/optuna.db`."""
     experiment_dir.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / OPTUNA_FILE}")
-    # metric and mode are set once, in TuneConfig, which hands them to searcher and scheduler.
-    return _optuna_search_class()(
-        DefineByRun(search),
-        points_to_evaluate=[dict(search.baseline)] if search.baseline else None,
-        sampler=sampler,
-        study_name=study_name,
-        storage=storage,
-    )
+    return StudySearcher(search, f"sqlite:///{experiment_dir / OPTUNA_FILE}", name, max_epochs)
 
 
 def trial_dirname(trial) -> str:
@@ -120,15 +197,58 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def make_scheduler(search: SearchConfig, max_epochs: int):
-    """ASHA on epochs (grace period, reduction factor, max epochs), or run all to the end."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+class StratifiedASHA(FIFOScheduler):
+    """One ASHA per value of the stratifying key: a trial is compared at each rung only with
+    trials of its own stratum, so a slow-starting loss is not stopped by a fast one."""
 
+    def __init__(self, key: str, **asha):
+        super().__init__()
+        self.key, self.asha, self.schedulers = key, asha, {}
+        self._metric, self._mode = None, None
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        self._metric, self._mode = metric, mode
+        for scheduler in self.schedulers.values():
+            scheduler.set_search_properties(metric, mode, **spec)
+        return True
+
+    def of(self, trial) -> ASHAScheduler:
+        stratum = str(trial.config.get(self.key))
+        if stratum not in self.schedulers:
+            scheduler = ASHAScheduler(**self.asha)
+            scheduler.set_search_properties(self._metric, self._mode)
+            self.schedulers[stratum] = scheduler
+        return self.schedulers[stratum]
+
+    def on_trial_add(self, tune_controller, trial):
+        self.of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self.of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self.of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self.of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        lines = [f"ASHA per {self.key}:"]
+        for stratum, scheduler in self.schedulers.items():
+            lines.append(f"  {stratum}: {scheduler.debug_string()}")
+        return "\n".join(lines)
+
+
+def make_scheduler(search: SearchConfig, max_epochs: int):
+    """ASHA on epochs (per stratum in a stratified study), or every trial to the end."""
     if search.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr=EPOCH,
-        max_t=max_epochs,
-        grace_period=min(search.grace_period, max_epochs),
-        reduction_factor=search.reduction_factor,
-    )
+    asha = {
+        "time_attr": EPOCH,
+        "max_t": max_epochs,
+        "grace_period": min(search.grace_period, max_epochs),
+        "reduction_factor": search.reduction_factor,
+    }
+    if search.stratify is None:
+        return ASHAScheduler(**asha)
+    return StratifiedASHA(search.stratify, **asha)

@@ -38,6 +38,8 @@ from study.config import (
 RANKABLE_METRICS = (METRIC,)
 
 
+OPTUNA_FILE = "optuna.db"  # The study's Optuna record, beside its tables.
+
 # Data-parallel training is not built: a trial given two GPUs would train on one.
 ONE_GPU = "a trial trains on one GPU, so at most 1 (fractions such as 0.25 pack trials on a GPU)"
 
@@ -103,8 +105,17 @@ class Distribution(_Strict):
         return isinstance(value, int | float) and low <= value <= high
 
 
+# Compare the values of one key on an equal footing: the study's question is the loss.
+DEFAULT_STRATIFY = "loss.name"
+
+
 class SearchConfig(_Strict):
-    num_samples: int = Field(default=32, ge=1)
+    num_samples: int = Field(default=64, ge=1)
+    # A choice key whose every value gets an equal share of num_samples, its own searcher
+    # model over the other keys and its own ASHA rungs, so that the values are compared
+    # on an equal footing. null: one joint search. Left out: loss.name when the space
+    # chooses it, else null. The grid searcher runs every value anyway and ignores it.
+    stratify: str | None = DEFAULT_STRATIFY
     # grid: every combination of the space's choices, num_samples times (no searcher).
     searcher: Literal["optuna", "random", "grid"] = "optuna"
     scheduler: Literal["asha", "fifo"] = "asha"
@@ -122,6 +133,39 @@ class SearchConfig(_Strict):
     space: dict[str, Distribution] = Field(default_factory=dict)
     # The notebook's configuration, evaluated first so every study has the baseline.
     baseline: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_stratify(cls, raw):
+        """Left out, stratify follows the space: by loss.name where the space chooses it."""
+        if not isinstance(raw, dict):
+            return raw
+        if raw.get("searcher") == "grid":
+            return {**raw, "stratify": None}
+        if "stratify" not in raw:
+            space = raw.get("space")
+            entry = space.get(DEFAULT_STRATIFY) if isinstance(space, dict) else None
+            chosen = (
+                entry.get("choice") if isinstance(entry, dict) else getattr(entry, "choice", None)
+            )
+            return {**raw, "stratify": DEFAULT_STRATIFY if chosen is not None else None}
+        return raw
+
+    @property
+    def strata(self) -> list:
+        """The stratifying key's values, the baseline's first; [None] for a joint search."""
+        if self.stratify is None:
+            return [None]
+        values = list(self.space[self.stratify].choice)
+        first = self.baseline.get(self.stratify, values[0])
+        return [first, *(value for value in values if value != first)]
+
+    def shares(self) -> dict:
+        """Trials per stratum: num_samples split as evenly as can be (shares differ by at
+        most one, the earlier strata taking the remainder); the baseline is one of its own
+        stratum's trials."""
+        count, extra = divmod(self.num_samples, len(self.strata))
+        return {value: count + (i < extra) for i, value in enumerate(self.strata)}
 
     @field_validator("metric")
     @classmethod
@@ -219,6 +263,23 @@ def _check_grid(search: SearchConfig) -> None:
         raise ConfigError("search.baseline: the grid searcher runs every combination; drop it")
 
 
+def _check_stratify(search: SearchConfig) -> None:
+    if search.stratify is None:
+        return
+    entry = search.space.get(search.stratify)
+    if entry is None or entry.kind != "choice" or entry.when:
+        choices = [key for key, e in search.space.items() if e.kind == "choice" and not e.when]
+        raise ConfigError(
+            f"search.stratify: {search.stratify!r} is not a choice of search.space; "
+            f"allowed: {', '.join(choices) or '(the space has no choice key)'}, or null"
+        )
+    if search.num_samples < len(entry.choice):
+        raise ConfigError(
+            f"search.num_samples: {search.num_samples} is fewer than the {len(entry.choice)} "
+            f"values of search.stratify ({search.stratify}); each value needs a trial"
+        )
+
+
 def _check_baseline(trial: TrialConfig, search: SearchConfig) -> None:
     for key, value in search.baseline.items():
         entry = search.space.get(key)
@@ -263,6 +324,8 @@ def load_study(
         raise ConfigError(format_error(error, SearchConfig, prefix="search.")) from None
     if search.searcher == "grid":
         _check_grid(search)
+    if search.space:
+        _check_stratify(search)
     if search.space and check_space:
         _check_space(trial, search)
         _check_baseline(trial, search)

@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from study import data as data_lib
-from study.config import METRIC, TrialConfig
+from study.config import METRIC, TrialConfig, from_params
 from study.losses import build_loss, target_encoder
 from study.model import build_model
 from study.optimizers import build_optimizer
@@ -247,16 +247,17 @@ def _placement() -> dict:
     }
 
 
-def tune_trainable(params: dict, data: data_lib.CifarData, evaluate_test: bool = False) -> None:
+def tune_trainable(
+    params: dict, data: data_lib.CifarData, base: dict | None = None, evaluate_test=False
+) -> None:
     """The function Ray Tune runs: build the trial's config, resume if asked, train.
 
-    `params` is the base config with the sampled dotted keys (see study/search.py).
-    A diverged trial reports once more with `diverged` set, so the study records it and
-    the searcher marks it failed, and ends without an error (a retry would diverge again).
+    `params` is Tune's config for the trial (dotted keys, see study/search.py), laid over
+    the study's `base` config. A diverged trial reports once more with `diverged` set, so
+    the study records it and the searcher marks it failed, and ends without an error (a
+    retry would diverge again).
     """
-    from study.search import trial_config
-
-    run_tune_trial(trial_config(params), data, evaluate_test)
+    run_tune_trial(from_params(params, base), data, evaluate_test)
 
 
 def run_tune_trial(config: TrialConfig, data: data_lib.CifarData, evaluate_test: bool) -> None:

@@ -17,7 +17,7 @@ import yaml
 
 from study import data as data_lib
 from study import results
-from study.config import MODE, ConfigError
+from study.config import MODE, ConfigError, flatten
 from study.search_config import ONE_GPU, StudyConfig, load_study
 
 # Ray's newer console output ignores a custom reporter; the classic one can be trimmed.
@@ -179,11 +179,26 @@ def check_cluster(options: StudyOptions, per_trial: dict) -> None:
         )
 
 
-def trial_function(params, data):
-    """What each trial runs, in its Ray worker (where TensorFlow is imported)."""
+def trial_function(params, data, base=None):
+    """What each trial runs, in its Ray worker (where TensorFlow is imported): its values
+    (`params`, Tune's config) laid over the study's base config."""
     from study.trainable import tune_trainable
 
-    tune_trainable(params, data)
+    tune_trainable(params, data, base)
+
+
+def param_space(study: StudyConfig) -> dict:
+    """Tune's config for every trial: each key of the base config once, dotted, except the
+    searched keys, which the searcher (or the grid) adds with the values trials run."""
+    from ray import tune
+
+    space = study.search.space
+    fixed = {
+        key: value for key, value in flatten(study.trial.to_dict()).items() if key not in space
+    }
+    if study.search.searcher == "grid":  # Every combination of the choices; no searcher.
+        fixed |= {key: tune.grid_search(entry.choice) for key, entry in space.items()}
+    return fixed
 
 
 def build_tuner(study: StudyConfig, options: StudyOptions, data):
@@ -193,8 +208,11 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
     from study.search import make_scheduler, make_searcher, trial_dirname
 
     per_trial, concurrent = resources(study, options)
-    trainable = tune.with_resources(tune.with_parameters(trial_function, data=data), per_trial)
-    recorder = StudyRecorder(options.results_dir, study.trial.training.epochs)
+    base = study.trial.to_dict()
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_function, data=data, base=base), per_trial
+    )
+    recorder = StudyRecorder(options.results_dir, study.trial.training.epochs, base)
     if options.resume:
         return tune.Tuner.restore(
             options.experiment_path,
@@ -202,22 +220,18 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
             resume_unfinished=True,
             resume_errored=True,
         ), recorder
-    search = study.search
-    # The base config: every trial gets it, with the searcher's choices laid over it.
-    param_space = study.trial.to_dict()
+    search, epochs = study.search, study.trial.training.epochs
     searcher = None
-    if search.searcher == "grid":  # Every combination of the choices; no searcher.
-        param_space |= {key: tune.grid_search(entry.choice) for key, entry in search.space.items()}
-    else:
-        searcher = make_searcher(search, options.results_dir, options.name)
+    if search.searcher != "grid":
+        searcher = make_searcher(search, options.results_dir, options.name, epochs)
     tuner = tune.Tuner(
         trainable,
-        param_space=param_space,
+        param_space=param_space(study),
         tune_config=tune.TuneConfig(
             metric=search.metric,
             mode=MODE,
             search_alg=searcher,
-            scheduler=make_scheduler(search, study.trial.training.epochs),
+            scheduler=make_scheduler(search, epochs),
             num_samples=search.num_samples,
             max_concurrent_trials=concurrent,
             trial_dirname_creator=trial_dirname,
@@ -254,27 +268,26 @@ def _reporter(study: StudyConfig):
     )
 
 
-def best_per_loss(results_dir: Path) -> str:
-    """The final table: the best trial of each loss by validation accuracy."""
+def final_table(study: StudyConfig, results_dir: Path) -> str:
+    """The end-of-study table: each value of what the study compares, at the full budget."""
     import pandas as pd
 
+    from analysis.results import compared_key, comparison, format_comparison
+
+    key, epochs = compared_key(study.search), study.trial.training.epochs
     trials = pd.read_csv(results_dir / "trials.csv", dtype={"trial_id": str})
-    if "best_val_accuracy" not in trials or trials["best_val_accuracy"].isna().all():
-        return "no trial reported a result"
-    ranked = trials.dropna(subset=["best_val_accuracy"]).sort_values(
-        "best_val_accuracy", ascending=False
-    )
-    best = ranked.groupby("loss.name", sort=False).head(1)
-    columns = [
-        "loss.name",
-        "trial_id",
-        "best_val_accuracy",
-        "epochs_run",
-        "status",
-        "optimizer.name",
-        "optimizer.learning_rate",
-    ]
-    return best[[c for c in columns if c in best]].to_string(index=False)
+    entry = study.search.space.get(key)
+    values = entry.choice if entry is not None and entry.kind == "choice" else ()
+    return format_comparison(comparison(trials, key, epochs, values), key, epochs)
+
+
+def shares_line(study: StudyConfig) -> str | None:
+    """What a stratified study promises each value, printed when it starts."""
+    search = study.search
+    if search.stratify is None or search.searcher == "grid":
+        return None
+    shares = ", ".join(f"{value} {count}" for value, count in search.shares().items())
+    return f"trials per {search.stratify} ({search.num_samples} in all): {shares}"
 
 
 def resume_command(options: StudyOptions, phase: str = "") -> str:
@@ -312,13 +325,14 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
             )
         tuner, _ = build_tuner(study, options, data)
         print(f"study folder: {options.results_dir}")
+        if line := shares_line(study):
+            print(line)
         grid = tuner.fit()
     finally:
         ray.shutdown()
     if grid.num_terminated + grid.num_errors < study.search.trial_count:
         print(f"interrupted; continue with: {resume_command(options)}", file=sys.stderr)
         return 130
-    print(f"\nBest trial of each loss, by best {study.search.metric}:")
-    print(best_per_loss(options.results_dir))
+    print("\n" + final_table(study, options.results_dir))
     print(f"results: {options.results_dir}")
     return 0

@@ -104,7 +104,7 @@ TINY_STUDY = {
 
 
 def write_study_config(path: Path, **search) -> Path:
-    """TINY_STUDY as a config file, with `search` keys replaced."""
+    """TINY_STUDY as a config file, with `search` keys replaced (None writes null)."""
     config = {**TINY_STUDY, "search": {**TINY_STUDY["search"], **search}}
     path.write_text(yaml.safe_dump(config, sort_keys=False))  # Space order matters.
     return path

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from study.config import ConfigError, TrialConfig, load_config, validate
-from study.search_config import load_study
+from study.search_config import SearchConfig, load_study
 
 from .conftest import REPO, run_cli
 
@@ -14,8 +14,17 @@ CONFIGS = REPO / "configs"
 def test_default_yaml_is_the_code_defaults():
     assert load_study(CONFIGS / "default.yaml").trial == TrialConfig()
     raw = yaml.safe_load((CONFIGS / "default.yaml").read_text())
-    raw.pop("search")
+    search = raw.pop("search")
     assert raw == TrialConfig().to_dict()
+    # The study settings too (the space and baseline are the file's own): one set of
+    # defaults, said in both places alike.
+    settings = {k: v for k, v in search.items() if k not in ("space", "baseline")}
+    defaults = {
+        name: field.default
+        for name, field in SearchConfig.model_fields.items()
+        if name not in ("space", "baseline")
+    }
+    assert settings == defaults
 
 
 def test_seed_config_is_the_notebook():

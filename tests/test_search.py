@@ -6,8 +6,8 @@ import optuna
 import pytest
 import yaml
 
-from study.config import ConfigError
-from study.search import DefineByRun, make_scheduler, make_searcher, trial_config
+from study.config import ConfigError, from_params
+from study.search import DefineByRun, StratifiedASHA, make_scheduler, make_searcher
 from study.search_config import load_study
 from study.tuning import StudyOptions, check_options, resources
 
@@ -69,7 +69,7 @@ def test_every_sample_is_a_valid_trial_config():
     study = load_study(DEFAULT)
     base = study.trial.to_dict()
     for params in _sample(study.search, count=100, seed=1):
-        config = trial_config({**base, **params})
+        config = from_params(params, base)
         assert config.loss.name == params["loss.name"]
         assert config.optimizer.learning_rate == params["optimizer.learning_rate"]
         if "loss.label_smoothing" not in params:
@@ -77,28 +77,159 @@ def test_every_sample_is_a_valid_trial_config():
 
 
 def test_searcher_queues_the_baseline_first_and_stores_its_study(tmp_path):
-    study = load_study(DEFAULT)
-    searcher = make_searcher(study.search, tmp_path, "baseline-test")
-    searcher.set_search_properties("val_accuracy", "max", study.trial.to_dict())
+    study = load_study(DEFAULT, ["search.stratify=null"])
+    searcher = make_searcher(study.search, tmp_path, "baseline-test", max_epochs=3)
     first = searcher.suggest("t1")
     assert {k: first[k] for k in study.search.baseline} == study.search.baseline
     second = searcher.suggest("t2")
     assert second != first
-    assert (tmp_path / "optuna.db").exists()
+    assert set(first) == set(second) == set(study.search.space)  # Every key, once.
     stored = optuna.load_study(
         study_name="baseline-test", storage=f"sqlite:///{tmp_path}/optuna.db"
     )
     assert stored.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert stored.metric_names == ["val_accuracy"]
     searcher.on_trial_complete("t1", {"val_accuracy": 0.5, "epoch": 3})
     searcher.on_trial_complete("t2", {"val_accuracy": 0.0, "epoch": 1, "diverged": "nan"})
     states = [t.state.name for t in stored.get_trials()]
     assert states == ["COMPLETE", "FAIL"]
+    assert [t.user_attrs["ray_trial_id"] for t in stored.get_trials()] == ["t1", "t2"]
+
+
+def test_stratified_searcher_shares_models_and_optuna_states(tmp_path):
+    """Every loss gets its share of the trials, interleaved, from its own Optuna study
+    (so hinge's learning rate is not chosen from cross-entropy's results), and Optuna's
+    record says how each trial ended: PRUNED when stopped early, FAIL when diverged."""
+    study = load_study(DEFAULT, ["search.num_samples=23"])
+    search = study.search
+    assert search.stratify == "loss.name"
+    shares = search.shares()
+    assert list(shares)[0] == "categorical_crossentropy"  # The baseline's stratum first.
+    assert sum(shares.values()) == 23 and sorted(set(shares.values())) == [3, 4]
+    searcher = make_searcher(search, tmp_path, "strata", max_epochs=4)
+    suggested = [searcher.suggest(f"t{i}") for i in range(23)]
+    assert searcher.suggest("t23") is searcher.FINISHED
+    losses = [params["loss.name"] for params in suggested]
+    assert {loss: losses.count(loss) for loss in shares} == shares
+    assert set(losses[:7]) == set(shares)  # Interleaved: each loss once before any twice.
+    assert {k: suggested[0][k] for k in search.baseline} == search.baseline
+    for params in suggested:  # Label smoothing only where the loss defines it; else empty.
+        smoothed = params["loss.name"] in ("categorical_crossentropy", "focal")
+        assert (params["loss.label_smoothing"] is not None) == smoothed
+        assert from_params(params, study.trial.to_dict()).loss.name == params["loss.name"]
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    names = sorted(optuna.study.get_all_study_names(storage))
+    assert names == sorted(f"strata/{loss}" for loss in shares)
+    hinge = optuna.load_study(study_name="strata/hinge", storage=storage)
+    assert hinge.user_attrs["stratify"] == {"loss.name": "hinge"}
+    assert "loss.name" not in hinge.trials[0].params  # Fixed by the stratum, not sampled.
+    # How trials end: full budget, stopped by ASHA after 2 epochs, diverged.
+    hinge_ids = [f"t{i}" for i, loss in enumerate(losses) if loss == "hinge"]
+    for epoch, value in enumerate([0.2, 0.4, 0.3, 0.35], start=1):
+        searcher.on_trial_result(hinge_ids[0], {"epoch": epoch, "val_accuracy": value})
+    searcher.on_trial_complete(hinge_ids[0], {"epoch": 4, "val_accuracy": 0.35})
+    searcher.on_trial_result(hinge_ids[1], {"epoch": 1, "val_accuracy": 0.1})
+    searcher.on_trial_complete(hinge_ids[1], {"epoch": 2, "val_accuracy": 0.15})
+    searcher.on_trial_complete(hinge_ids[2], {"epoch": 1, "val_accuracy": 0.0, "diverged": "x"})
+    trials = {t.user_attrs["ray_trial_id"]: t for t in hinge.get_trials()}
+    full, stopped, diverged = (trials[trial_id] for trial_id in hinge_ids[:3])
+    assert full.state.name == "COMPLETE" and full.value == 0.4  # Its best epoch.
+    assert full.intermediate_values == {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.35}
+    assert stopped.state.name == "PRUNED" and stopped.intermediate_values == {1: 0.1, 2: 0.15}
+    assert diverged.state.name == "FAIL"
+
+
+def test_a_resumed_searcher_keeps_its_shares(tmp_path):
+    search = load_study(DEFAULT, ["search.num_samples=7"]).search
+    searcher = make_searcher(search, tmp_path, "resume", max_epochs=4)
+    first = [searcher.suggest(f"t{i}")["loss.name"] for i in range(3)]
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = make_searcher(search, tmp_path, "resume", max_epochs=4)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    rest = [restored.suggest(f"t{i}")["loss.name"] for i in range(3, 7)]
+    assert sorted(first + rest) == sorted(search.space["loss.name"].choice)
+    assert restored.suggest("t7") is restored.FINISHED
+    restored.on_trial_complete("t0", {"epoch": 4, "val_accuracy": 0.5})  # Known after restore.
+    stored = optuna.load_study(
+        study_name="resume/categorical_crossentropy", storage=f"sqlite:///{tmp_path}/optuna.db"
+    )
+    assert [t.state.name for t in stored.trials] == ["COMPLETE"]
+
+
+class _Trial:
+    """What a scheduler reads of a Tune trial."""
+
+    def __init__(self, trial_id, loss):
+        self.trial_id, self.config = trial_id, {"loss.name": loss}
+
+    def __repr__(self):
+        return self.trial_id
+
+
+def _decisions(scheduler, max_epochs=8) -> dict:
+    """Feeds a scheduler four fast cross-entropy trials and two slow hinge trials, epoch by
+    epoch (cross-entropy first, the better hinge trial before the worse one)."""
+    scheduler.set_search_properties("val_accuracy", "max")
+    fast = [(_Trial(f"ce{i}", "categorical_crossentropy"), 0.5 + 0.1 * i) for i in range(4)]
+    slow = [(_Trial("hinge_good", "hinge"), 0.06), (_Trial("hinge_bad", "hinge"), 0.05)]
+    for trial, _ in fast + slow:
+        scheduler.on_trial_add(None, trial)
+    decisions = {}
+    for epoch in (1, 2, 4, 8):
+        for trial, value in fast + slow:
+            if "STOP" in (decisions.get((trial.trial_id, e)) for e in (1, 2, 4)):
+                continue
+            result = {"epoch": epoch, "val_accuracy": value}
+            decisions[(trial.trial_id, epoch)] = scheduler.on_trial_result(None, trial, result)
+    return decisions
+
+
+def test_asha_compares_a_trial_only_within_its_stratum():
+    """A slow-starting loss (hinge) is not stopped by a fast one (cross-entropy): each loss
+    has its own rungs, at the epochs that grace period and reduction factor give."""
+    overrides = ["search.grace_period=1", "search.reduction_factor=2"]
+    stratified = make_scheduler(load_study(DEFAULT, overrides).search, max_epochs=8)
+    assert isinstance(stratified, StratifiedASHA)
+    decisions = _decisions(stratified)
+    rungs = stratified.of(_Trial("x", "hinge"))._brackets[0]._rungs
+    assert sorted(milestone for milestone, _ in rungs) == [1, 2, 4, 8]  # grace 1, x2, to 8.
+    # The better hinge trial runs to the end although cross-entropy trials are far ahead;
+    # the worse one is stopped at the first rung by the better hinge trial.
+    assert [decisions[("hinge_good", e)] for e in (1, 2, 4)] == ["CONTINUE"] * 3
+    assert decisions[("hinge_bad", 1)] == "STOP"
+    # One ASHA for all (no stratification) stops both hinge trials at the first rung.
+    joint = make_scheduler(load_study(DEFAULT, [*overrides, "search.stratify=null"]).search, 8)
+    assert type(joint).__name__ == "AsyncHyperBandScheduler"
+    decisions = _decisions(joint)
+    assert decisions[("hinge_good", 1)] == decisions[("hinge_bad", 1)] == "STOP"
+
+
+def test_stratify_defaults_follow_the_space_and_bad_keys_are_refused():
+    assert load_study(DEFAULT).search.stratify == "loss.name"
+    without_loss = load_study(REPO / "configs" / "seed.yaml").search
+    assert without_loss.searcher == "grid" and without_loss.stratify is None
+    space_only = load_study(
+        None, ["search.space.optimizer.name={choice: [adam, sgd]}", "search.num_samples=2"]
+    )
+    assert space_only.search.stratify is None  # No loss choice: a joint search.
+    by_optimizer = load_study(DEFAULT, ["search.stratify=optimizer.name"]).search
+    assert list(by_optimizer.shares()) == ["rmsprop", "adam", "adamw", "sgd"]
+    for override, expected in [
+        ("search.stratify=model.conv_dropout", "search.stratify: 'model.conv_dropout' is not"),
+        ("search.stratify=loss.label_smoothing", "is not a choice of search.space"),
+        ("search.stratify=nope.key", "allowed: loss.name, optimizer.name"),
+        ("search.num_samples=6", "search.num_samples: 6 is fewer than the 7 values"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            load_study(DEFAULT, [override])
 
 
 def test_scheduler_runs_on_epochs():
-    search = load_study(DEFAULT, ["search.grace_period=3", "search.reduction_factor=2"]).search
-    asha = make_scheduler(search, max_epochs=20)
+    overrides = ["search.grace_period=3", "search.reduction_factor=2", "search.stratify=null"]
+    asha = make_scheduler(load_study(DEFAULT, overrides).search, max_epochs=20)
     assert (asha._time_attr, asha._max_t) == ("epoch", 20)
+    milestones = sorted(milestone for milestone, _ in asha._brackets[0]._rungs)
+    assert milestones == [3, 6, 12]  # grace 3, then x2, below the maximum of 20.
     fifo = make_scheduler(load_study(DEFAULT, ["search.scheduler=fifo"]).search, 20)
     assert type(fifo).__name__ == "FIFOScheduler"
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from .conftest import (
+    REPO,
     free_port,
     read_trials,
     run_cli,
@@ -76,12 +77,67 @@ def test_study_searches_stops_early_and_writes_its_tables(
         .shape[0]
         == 6
     )
-    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder}/optuna.db")
-    assert len(stored.trials) == 6
+    # Stratified by loss: two trials each, each loss with its own Optuna study, whose
+    # record says how each trial ended.
+    assert "trials per loss.name (6 in all): categorical_crossentropy 2, hinge 2," in result.stdout
+    assert trials["loss.name"].value_counts().to_dict() == dict.fromkeys(
+        set(trials["loss.name"]), 2
+    )
+    states = {"completed": "COMPLETE", "early_stopped": "PRUNED", "diverged": "FAIL"}
+    storage = f"sqlite:///{folder}/optuna.db"
+    for loss, group in trials.groupby("loss.name"):
+        stored = optuna.load_study(study_name=f"tiny/{loss}", storage=storage)
+        assert stored.metric_names == ["val_accuracy"]
+        by_id = {t.user_attrs["ray_trial_id"]: t for t in stored.trials}
+        assert set(by_id) == set(group.trial_id)
+        for trial in group.itertuples():
+            assert by_id[trial.trial_id].state.name == states[trial.status]
+            rows = epochs[epochs.trial_id == trial.trial_id]
+            assert by_id[trial.trial_id].intermediate_values == dict(
+                zip(rows.epoch, rows.val_accuracy, strict=True)
+            )
+            if trial.status == "completed":
+                assert by_id[trial.trial_id].value == pytest.approx(trial.best_val_accuracy)
     assert yaml.safe_load((folder / "config.yaml").read_text())["search"]["num_samples"] == 6
-    # The final table: the best trial of each loss.
+    # The final table: every loss, ranked by its best full-budget trial.
+    assert (
+        "Per loss.name, ranked by the best val_accuracy of a trial that ran all 4" in result.stdout
+    )
     for loss in set(trials["loss.name"]):
         assert loss in result.stdout
+
+
+def _table_cells(stdout: str, row_word: str, column: str) -> list[str]:
+    """The cells of `column` in the rows holding `row_word` of the last progress table."""
+    table = stdout[stdout.rindex("| Trial name") :].split("\n\n")[0].splitlines()
+    header = [cell.strip() for cell in table[0].split("|")]
+    rows = [[cell.strip() for cell in line.split("|")] for line in table[2:] if "|" in line]
+    return [row[header.index(column)] for row in rows if row_word in row]
+
+
+def test_the_default_config_study_shows_a_left_out_key_as_empty(tmp_path, cifar10_tarball, ray_env):
+    """configs/default.yaml (the main job's config), shrunk: its best trial is a hinge trial,
+    which label smoothing's condition leaves out. Ray's progress table looked that key up
+    in the best trial's config and crashed the driver; now the key is there, empty."""
+    shrink = [
+        "data.dataset=cifar10", "data.train_subset=200", "data.test_subset=50",
+        "data.validation_size=50", "model.width=0.0625", "training.epochs=2",
+        "search.space.loss.name={choice: [hinge, categorical_crossentropy, focal]}",
+        "search.baseline.loss.name=hinge", "search.stratify=null",
+    ]  # fmt: skip
+    result = run_cli(
+        "study.run", "--config", REPO / "configs" / "default.yaml", "--data-dir", cifar10_tarball,
+        *(arg for item in shrink for arg in ("--set", item)), "--num-samples", "1",
+        "--storage-path", tmp_path, "--name", "default", "--no-dashboard", env=ray_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert (
+        "'loss.name': 'hinge'" in result.stdout and "'loss.label_smoothing': None" in result.stdout
+    )
+    assert _table_cells(result.stdout, "hinge", "label_smoothing") == [""]
+    trials = pd.read_csv(tmp_path / "default" / "trials.csv")
+    assert trials["loss.label_smoothing"].isna().all()  # Empty in every view alike.
 
 
 def test_logical_gpus_set_concurrency_and_devices(
