@@ -11,13 +11,12 @@ import pandas as pd
 
 from analysis.results import AnalysisError
 from study import data as data_lib
+from study.config import from_params
 
 
 def load_splits(config: dict, data_dir: str | None = None) -> data_lib.Splits:
     """The trial's data splits, from --data-dir or the study's own data settings."""
-    from study.search import trial_config
-
-    trial = trial_config(config)  # Dotted keys, as analysis.results.trial_config gives them.
+    trial = from_params(config)  # Dotted keys, as analysis.results.trial_config gives them.
     directory = data_dir or trial.data.data_dir
     data = data_lib.load_cifar(trial.data.dataset, directory, trial.data.label_mode)
     return data_lib.split(data, trial.data, seed=trial.data.split_seed)

@@ -17,12 +17,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.results import BEST, StudyResults, confirmation, leaderboard  # noqa: E402
+from analysis.results import BEST, StudyResults, comparison, confirmation, leaderboard  # noqa: E402
 from study.config import METRIC  # noqa: E402
 from study.losses import LOSSES  # noqa: E402
+from study.search_config import OPTUNA_FILE  # noqa: E402
 
 COLOURS = dict(zip(LOSSES, plt.get_cmap("tab10").colors, strict=False))
 MARKERS = dict(zip(LOSSES, "osD^vP*", strict=True))
+
+
+# Fewer full-budget trials than this say nothing about which keys matter.
+MIN_IMPORTANCE_TRIALS = 4
 
 
 class Skipped(Exception):
@@ -36,19 +41,30 @@ def _save(figure, out: Path, name: str) -> Path:
     return path
 
 
+def colour(value):
+    """A loss keeps its colour in every figure; other compared values take tab10's in turn."""
+    if value in COLOURS:
+        return COLOURS[value]
+    colours = plt.get_cmap("tab10").colors
+    return colours[hash(str(value)) % len(colours)]
+
+
 def leaderboard_figure(results: StudyResults, out: Path) -> Path:
-    board = leaderboard(results)
-    if board.empty:
-        raise Skipped("no trial has reported an epoch")
+    board, key = leaderboard(results), results.key
+    if board.empty or board[BEST].isna().all():
+        raise Skipped(f"no trial has run all {results.max_epochs} epochs")
     figure, axis = plt.subplots(figsize=(9, 0.6 * len(board) + 1.8))
     rows = np.arange(len(board))[::-1]
     axis.barh(
         rows + 0.2,
-        board[BEST],
+        board[BEST].fillna(0),
         height=0.4,
-        color=[COLOURS[name] for name in board.loss],
-        label="best validation accuracy (this study)",
+        color=[colour(value) for value in board[key]],
+        label="best validation accuracy of a full-budget trial (this study)",
     )
+    for row, entry in zip(rows, board.to_dict("records"), strict=True):
+        if pd.isna(entry["rank"]):
+            axis.text(0.01, row + 0.2, "not ranked: no full-budget trial", va="center")
     if "mean_test_accuracy" in board:  # After the confirmation phase.
         mean = board.mean_test_accuracy
         axis.barh(
@@ -56,14 +72,14 @@ def leaderboard_figure(results: StudyResults, out: Path) -> Path:
             mean,
             height=0.4,
             color="lightgrey",
-            edgecolor=[COLOURS[name] for name in board.loss],
+            edgecolor=[colour(value) for value in board[key]],
             xerr=[mean - board.test_ci_low, board.test_ci_high - mean],
             capsize=3,
             label="test accuracy over seeds, 95% interval (confirmation)",
         )
-    notebook = board.notebook_test_accuracy
-    has = notebook.notna().to_numpy()
-    if has.any():  # Only beside a CIFAR-100 study.
+    if "notebook_test_accuracy" in board:  # Only beside a CIFAR-100 study of the losses.
+        notebook = board.notebook_test_accuracy
+        has = notebook.notna().to_numpy()
         axis.scatter(
             notebook[has],
             rows[has],
@@ -73,41 +89,40 @@ def leaderboard_figure(results: StudyResults, out: Path) -> Path:
             zorder=3,
             label="2020 notebook, CIFAR-100 test (1 run)",
         )
-    axis.set_yticks(rows, board.loss)
+    axis.set_yticks(rows, board[key])
     axis.set_xlabel("accuracy")
     axis.set_xlim(0, 1)
-    axis.set_title("Leaderboard: the best trial of each loss")
-    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, fontsize="small")
+    axis.set_title(f"Leaderboard: the best full-budget trial of each {key}")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small")
     return _save(figure, out, "leaderboard")
 
 
 def confirmation_figure(results: StudyResults, out: Path) -> Path:
-    """Test accuracy per loss: each seed a dot, the mean and its 95% interval drawn."""
+    """Test accuracy per compared value: each seed a dot, the mean and its 95% interval."""
     table, _ = confirmation(results)
     if table.empty:
         raise Skipped("no confirmation run has finished")
-    runs = results.confirm
+    runs, key = results.confirm, results.key
     figure, axis = plt.subplots(figsize=(9, 0.7 * len(table) + 1.8))
     rows = np.arange(len(table))[::-1]
-    for row, entry in zip(rows, table.itertuples(), strict=True):
-        chosen = runs[(runs.loss == entry.loss) & (runs.config_id == entry.config_id)]
+    for row, entry in zip(rows, table.to_dict("records"), strict=True):
+        value = entry[key]
+        chosen = runs[(runs[key] == value) & (runs.config_id == entry["config_id"])]
         values = chosen.test_accuracy.dropna()
         jitter = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else [0.0]
-        style = {"color": COLOURS[entry.loss], "marker": MARKERS[entry.loss]}
+        style = {"color": colour(value), "marker": MARKERS.get(value, "o")}
         axis.scatter(values, row + np.asarray(jitter), alpha=0.6, s=30, **style)
+        mean = entry["mean_test_accuracy"]
         axis.errorbar(
-            entry.mean_test_accuracy,
+            mean,
             row,
-            xerr=[
-                [entry.mean_test_accuracy - entry.ci_low],
-                [entry.ci_high - entry.mean_test_accuracy],
-            ],
+            xerr=[[mean - entry["ci_low"]], [entry["ci_high"] - mean]],
             color="black",
             capsize=6,
             marker="|",
             markersize=18,
         )
-    axis.set_yticks(rows, table.loss)
+    axis.set_yticks(rows, table[key])
     axis.set_xlabel("test accuracy")
     axis.set_title("Confirmation: each seed a dot; the mean and its 95% t interval in black")
     axis.grid(axis="x", alpha=0.3)
@@ -121,14 +136,16 @@ def trial_epochs(results: StudyResults, trial_id: str) -> pd.DataFrame:
 
 
 def _best_per_loss(results: StudyResults) -> pd.DataFrame:
-    reported = results.reported
-    return reported.loc[reported.groupby("loss.name")[BEST].idxmax()]
+    """The best full-budget trial of each loss (the leaderboard's choice), as trials rows."""
+    table = comparison(results.trials, "loss.name", results.max_epochs)
+    chosen = table.best_trial.dropna()
+    return results.trials.set_index("trial_id").loc[chosen].reset_index()
 
 
 def learning_curves(results: StudyResults, out: Path) -> Path:
     best = _best_per_loss(results)
     if best.empty or results.epochs.empty:
-        raise Skipped("no trial has reported an epoch")
+        raise Skipped(f"no trial has run all {results.max_epochs} epochs")
     figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")
     for _, trial in best.iterrows():
         loss_name = trial["loss.name"]
@@ -140,7 +157,7 @@ def learning_curves(results: StudyResults, out: Path) -> Path:
     accuracy.set(
         xlabel="epoch",
         ylabel="validation accuracy",
-        title="Validation accuracy, best trial of each loss",
+        title="Validation accuracy, best full-budget trial of each loss",
     )
     loss.set(
         xlabel="epoch",
@@ -251,31 +268,71 @@ def asha(results: StudyResults, out: Path) -> tuple[Path, dict]:
     return _save(figure, out, "asha"), summary
 
 
-def _full_budget_study(results: StudyResults):
-    """An in-memory Optuna study of the full-budget trials only (see the report's note)."""
+def optuna_studies(results: StudyResults) -> dict:
+    """The study's Optuna studies from its optuna.db: one per stratum (`<name>/<value>`),
+    or one for a joint search; keyed by the stratum's value (None if joint)."""
     import optuna
 
-    full = results.full_budget
-    space = {k: v for k, v in results.config.search.space.items() if k in full}
-    if len(full) < 3 or not space:
-        raise Skipped(f"{len(full)} full-budget trials; at least 3 are needed")
+    path = results.folder / OPTUNA_FILE
+    if not path.is_file():
+        raise Skipped(f"no {OPTUNA_FILE} in the folder (a grid study has none)")
+    storage = f"sqlite:///{path}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    studies = {}
+    for name in optuna.study.get_all_study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage)
+        stratum = study.user_attrs.get("stratify", {}).get(results.config.search.stratify)
+        studies[stratum] = study
+    return studies
+
+
+def importances(results: StudyResults) -> dict:
+    """fANOVA importance (Optuna's) of the searched keys within each stratum, from its own
+    Optuna record: its COMPLETE trials, which ran the full budget (ASHA's stopped ones are
+    PRUNED). Across strata the stratifying key is fixed by design, so each has its own."""
+    import optuna
+
+    found = {}
+    for stratum, study in optuna_studies(results).items():
+        complete = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+        varied = {key for trial in complete for key in trial.params}
+        if len(complete) < MIN_IMPORTANCE_TRIALS or not varied:
+            continue
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        comparable = _comparable(complete, results.config.search.space)
+        scores = optuna.importance.get_param_importances(comparable, evaluator=evaluator)
+        found[stratum] = (len(complete), scores, comparable)
+    if not found:
+        raise Skipped(
+            f"no {'stratum' if results.config.search.stratify else 'study'} has "
+            f"{MIN_IMPORTANCE_TRIALS} full-budget trials to compare"
+        )
+    return found
+
+
+def _comparable(trials, space):
+    """The trials in a new in-memory study, each key's distribution widened to every range
+    that `by` gives it: Optuna only compares a key whose distribution is the same in every
+    trial, and would leave out a learning rate whose range follows the optimizer."""
+    import optuna
+
     study = optuna.create_study(direction="maximize")
-    for _, row in full.iterrows():
-        params, distributions = {}, {}
-        for key, entry in space.items():
-            if pd.isna(row[key]) or (entry.when and not entry.active(row.to_dict())):
-                continue
-            distributions[key] = _distribution(entry, optuna)
-            params[key] = _plain_param(row[key], entry)
+    for trial in trials:
+        distributions = {
+            key: _distribution(space[key]) if key in space else distribution
+            for key, distribution in trial.distributions.items()
+        }
         study.add_trial(
             optuna.trial.create_trial(
-                params=params, distributions=distributions, value=float(row[BEST])
+                params=trial.params, distributions=distributions, value=trial.value
             )
         )
     return study
 
 
-def _distribution(entry, optuna):
+def _distribution(entry):
+    import optuna
+
     if entry.kind == "choice":
         return optuna.distributions.CategoricalDistribution(entry.choice)
     ranges = [entry.bounds, *(entry.ranges or {}).values()]
@@ -285,26 +342,39 @@ def _distribution(entry, optuna):
     return optuna.distributions.FloatDistribution(low, high, log=entry.kind == "loguniform")
 
 
-def _plain_param(value, entry):
-    if entry.kind == "choice":
-        return next(c for c in entry.choice if str(c) == str(value) or c == value)
-    return int(value) if entry.kind == "integer" else float(value)
-
-
 def importance(results: StudyResults, out: Path) -> list[Path]:
+    found = importances(results)
+    key = results.config.search.stratify
+    figure, axes = plt.subplots(
+        1, len(found), figsize=(4.2 * len(found) + 1, 4.5), squeeze=False, layout="constrained"
+    )
+    for axis, (stratum, (count, scores, _)) in zip(axes[0], found.items(), strict=True):
+        names = list(scores)[:8][::-1]
+        axis.barh(names, [scores[name] for name in names], color=colour(stratum))
+        axis.set_xlim(0, 1)
+        axis.set_xlabel("importance (fANOVA)")
+        where = "all trials" if stratum is None else f"{key} = {stratum}"
+        axis.set_title(f"{where}\n({count} full-budget trials)", fontsize="medium")
+    figure.suptitle(f"Which hyper-parameters mattered for {METRIC}")
+    paths = [_save(figure, out, "importance")]
+    paths.append(_parallel_coordinates(results, found, out))
+    return paths
+
+
+def _parallel_coordinates(results: StudyResults, found: dict, out: Path) -> Path:
+    """Optuna's parallel coordinates of the stratum with the most full-budget trials, over
+    its six most important keys (more make a tangle of labels)."""
     import optuna
     from optuna.visualization import matplotlib as optuna_plots
 
-    study = _full_budget_study(results)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stratum = max(found, key=lambda value: found[value][0])
+    _, scores, study = found[stratum]
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    paths = []
-    for name, plot in (
-        ("importance", optuna_plots.plot_param_importances),
-        ("parallel_coordinates", optuna_plots.plot_parallel_coordinate),
-    ):
-        axis = plot(study)
-        axis.figure.set_size_inches(10, 5)
-        axis.set_title(f"{axis.get_title()} (full-budget trials only, by {METRIC})")
-        paths.append(_save(axis.figure, out, name))
-    return paths
+    axis = optuna_plots.plot_parallel_coordinate(study, params=list(scores)[:6])
+    axis.figure.set_size_inches(12, 5)
+    axis.set_title("", loc="left")  # Optuna's own title; ours says more.
+    key = results.config.search.stratify
+    where = "" if stratum is None else f", {key} = {stratum}"
+    axis.set_title(f"Parallel coordinates of the full-budget trials{where}, by {METRIC}")
+    plt.setp(axis.get_xticklabels(), rotation=20, ha="right")
+    return _save(axis.figure, out, "parallel_coordinates")

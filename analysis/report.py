@@ -28,9 +28,11 @@ from study.config import METRIC
 from study.data import DataError
 
 IMPORTANCE_NOTE = (
-    "Computed on full-budget trials only. ASHA's early-stopped trials reach Optuna as "
-    "completed, with values from a few epochs; mixing them in would credit whatever made "
-    "trials fast starters rather than good finishers."
+    "Optuna's fANOVA, read from the study's own `optuna.db`: its COMPLETE trials, which ran "
+    "the full budget. ASHA's early-stopped trials are PRUNED there (their epochs kept as "
+    "intermediate values); mixing them in would credit whatever made trials fast starters "
+    "rather than good finishers. In a stratified study each value of the stratifying key "
+    "has its own study and its own importance: across them that key is fixed by design."
 )
 
 
@@ -44,7 +46,7 @@ def _figure(lines: list[str], title: str, make, *args, heading=True) -> object:
     try:
         made = make(*args)
     except figures.Skipped as reason:
-        lines.append(f"_Not drawn: {reason}._")
+        lines.append(f"\n_Not drawn: {reason}._")
         return None
     paths = made[0] if isinstance(made, tuple) else made
     for path in paths if isinstance(paths, list) else [paths]:
@@ -100,6 +102,36 @@ def _best_trial_section(results: StudyResults, out: Path, data_dir, lines: list[
     lines.append(f"\n![Misclassified validation images]({path.name})")
 
 
+def _leaderboard_section(results: StudyResults, lines: list[str]) -> None:
+    key, epochs = results.key, results.max_epochs
+    lines.append(f"\n## Leaderboard by {key}\n")
+    board = leaderboard(results)
+    if results.config.search.stratify:
+        shares = ", ".join(f"{v} {n}" for v, n in results.config.search.shares().items())
+        lines.append(
+            f"Stratified by {key}: each value had its own share of the trials ({shares}), "
+            "its own searcher model and its own ASHA rungs.\n"
+        )
+    lines.append(
+        f"Ranked by the best {METRIC} of a trial that ran all {epochs} epochs: a trial that "
+        "ASHA stopped, or that diverged, has not been compared.\n"
+    )
+    ranked = board[board["rank"].notna()].astype({"rank": int})
+    lines.append(_table(ranked))
+    for row in board[board["rank"].isna()].to_dict("records"):
+        why = "no trial" if not row["trials"] else f"none of its {row['trials']} trials ran all"
+        why = why if not row["trials"] else f"{why} {epochs} epochs"
+        diverged = f", {row['diverged']} diverged" if row["diverged"] else ""
+        lines.append(
+            f"\n- **Not ranked: {row[key]}** ({why}{diverged}; {row['epochs_spent']} epochs spent)"
+        )
+    lines.append(
+        "\nThe notebook's figures are one run each, measured on the test set it also "
+        "validated on. The search ranks on a validation split and never touches the test "
+        "set; test accuracy comes only from the confirmation phase, over seeds."
+    )
+
+
 def _confirmation_section(results: StudyResults, out: Path, lines: list[str]) -> None:
     lines.append("\n## Confirmation over seeds (test set)\n")
     table, differences = confirmation(results)
@@ -110,31 +142,40 @@ def _confirmation_section(results: StudyResults, out: Path, lines: list[str]) ->
             "and tests it; only then is a difference between losses an answer._"
         )
         return
+    key = results.key
     lines.append(
-        f"Each loss's best configuration (by validation) re-trained with "
+        f"Each {key}'s best configuration (by validation) re-trained with "
         f"{int(table.seeds.max())} seeds at the full budget and tested once per seed. "
         "Mean test accuracy with its 95% Student's t interval:\n"
     )
     lines.append(_table(table))
+    left_out = [value for value in results.values if value not in set(table[key])]
+    if left_out:
+        lines.append(
+            f"\nNot confirmed (no full-budget trial in the study): {', '.join(map(str, left_out))}."
+        )
     if not differences.empty:
         versus = differences.versus.iloc[0]
         lines.append(
-            f"\nDifferences to {versus}, with Welch's 95% interval. Welch, not a paired "
-            "test: a seed fixes initialisation and data order only between configurations "
-            "with the same model and batch size, which a search's best configurations "
-            "rarely share; Welch holds either way (conservative where pairing would hold) "
-            "and does not assume equal variances.\n"
+            f"\nDifferences to {versus}, with Welch's intervals, Bonferroni-corrected for "
+            f"the {len(differences)} comparisons made at once (each at "
+            f"{1 - 0.05 / len(differences):.2%}, so that together they hold with 95%: "
+            "*resolved* keeps its meaning however many values are compared). Welch, not a "
+            "paired test: a seed fixes initialisation and data order only between "
+            "configurations with the same model and batch size, which a search's best "
+            "configurations rarely share; Welch holds either way (conservative where pairing "
+            "would hold) and does not assume equal variances.\n"
         )
         lines.append(_table(differences))
-        for row in differences.itertuples():
-            if row.resolved:
-                direction = "better" if row.difference > 0 else "worse"
-                verdict = f"is resolved: {row.loss} is {direction} than {versus}"
+        for row in differences.to_dict("records"):
+            if row["resolved"]:
+                direction = "better" if row["difference"] > 0 else "worse"
+                verdict = f"is resolved: {row[key]} is {direction} than {versus}"
             else:
                 verdict = "is not resolved: the interval holds 0; more seeds could tell"
             lines.append(
-                f"\n- {row.loss} - {versus}: {row.difference:+.4f} "
-                f"[{row.ci_low:+.4f}, {row.ci_high:+.4f}] {verdict}."
+                f"\n- {row[key]} - {versus}: {row['difference']:+.4f} "
+                f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] {verdict}."
             )
     _figure(lines, "Confirmation", figures.confirmation_figure, results, out, heading=False)
 
@@ -151,14 +192,7 @@ def write_report(folder: Path, out: Path | None = None, data_dir: str | None = N
         f"\n{len(results.trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}); "
         f"up to {results.max_epochs} epochs each; ranked by {METRIC}."
     )
-    lines.append("\n## Leaderboard by loss\n")
-    board = leaderboard(results)
-    lines.append(_table(board))
-    lines.append(
-        "\nThe notebook's figures are one run each, measured on the test set it also "
-        "validated on. The search ranks on a validation split and never touches the test "
-        "set; test accuracy comes only from the confirmation phase, over seeds."
-    )
+    _leaderboard_section(results, lines)
     _figure(lines, "Leaderboard", figures.leaderboard_figure, results, out, heading=False)
     _confirmation_section(results, out, lines)
     _figure(lines, "Learning curves", figures.learning_curves, results, out)

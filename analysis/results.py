@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from study.config import METRIC, row_config
-from study.confirm import CONFIRM_FILE, summary
+from study.config import METRIC, config_values, flatten, from_params
+from study.confirm import CONFIRM_FILE, read_confirm, reference_value, summary
 from study.search_config import StudyConfig, load_study
 
 # The 2020 notebook's test accuracies, one run each, measured on the set it validated on.
@@ -58,6 +58,17 @@ class StudyResults:
         """Trials that ran every epoch: ASHA's early-stopped ones are left out."""
         return self.reported[self.reported.epochs_run >= self.max_epochs]
 
+    @property
+    def key(self) -> str:
+        """What the study compares: the key it stratified by, else the loss."""
+        return compared_key(self.config.search)
+
+    @property
+    def values(self) -> list:
+        """The compared key's values in the search space (some may have no trial)."""
+        entry = self.config.search.space.get(self.key)
+        return list(entry.choice) if entry is not None and entry.kind == "choice" else []
+
 
 def load(folder: str | Path) -> StudyResults:
     folder = Path(folder)
@@ -73,7 +84,7 @@ def load(folder: str | Path) -> StudyResults:
     epochs = _read_csv(folder / "epochs.csv")
     if BEST not in trials:
         trials[BEST] = np.nan
-    confirm = _read_csv(folder / CONFIRM_FILE)
+    confirm = read_confirm(folder / CONFIRM_FILE)
     results = StudyResults(folder, config, trials, epochs, confirm=confirm)
     _note_gaps(results)
     return results
@@ -102,43 +113,78 @@ def _note_gaps(results: StudyResults) -> None:
 
 
 def confirmation(results: StudyResults) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per loss, mean test accuracy over seeds with its 95% interval; and the differences
-    to cross-entropy (study/confirm.py). Both empty before a confirmation has run."""
+    """Per compared value, mean test accuracy over seeds with its 95% interval; and the
+    differences to the reference (study/confirm.py). Both empty before a confirmation."""
     if results.confirm.empty:
         return pd.DataFrame(), pd.DataFrame()
-    return summary(results.confirm)
+    return summary(results.confirm, results.key, reference_value(results.config, results.key))
+
+
+def compared_key(search) -> str:
+    """What the study compares: the key it stratified by, else the loss."""
+    return search.stratify or "loss.name"
+
+
+def comparison(trials: pd.DataFrame, key: str, max_epochs: int, values=()) -> pd.DataFrame:
+    """Per value of `key` (the loss, or what the study stratified by): its trials, those
+    that ran the full budget, the epochs it spent, and its best full-budget trial with
+    that trial's best validation accuracy. Values with a full-budget trial are ranked by
+    it; the others follow, unranked (rank empty): an early-stopped or diverged trial has
+    not been compared. `values` lists values that may have no trial at all."""
+    rows = []
+    for value in dict.fromkeys([*values, *trials.get(key, pd.Series(dtype=object))]):
+        group = trials[trials[key] == value] if key in trials else trials.iloc[:0]
+        full = group[(group.status == "completed") & (group.epochs_run >= max_epochs)]
+        full = full.dropna(subset=[BEST])
+        best = full.loc[full[BEST].idxmax()] if len(full) else None
+        rows.append(
+            {
+                key: value,
+                "trials": len(group),
+                "full_budget_trials": len(full),
+                "diverged": int((group.status == "diverged").sum()),
+                "epochs_spent": int(group.epochs_run.fillna(0).sum()),
+                "best_trial": None if best is None else best.trial_id,
+                BEST: np.nan if best is None else float(best[BEST]),
+            }
+        )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table.assign(rank=pd.Series(dtype=float))
+    ranked = table[table.full_budget_trials > 0].sort_values(BEST, ascending=False)
+    ranked = ranked.assign(rank=np.arange(1, len(ranked) + 1))
+    unranked = table[table.full_budget_trials == 0].assign(rank=np.nan)
+    table = pd.concat([ranked, unranked], ignore_index=True)
+    return table[["rank", *rows[0]]]
+
+
+def format_comparison(table: pd.DataFrame, key: str, max_epochs: int) -> str:
+    """The comparison as the study prints it at its end."""
+    ranked = table[table["rank"].notna()]
+    lines = [f"Per {key}, ranked by the best {METRIC} of a trial that ran all {max_epochs} epochs:"]
+    if not ranked.empty:
+        shown = ranked.assign(rank=ranked["rank"].astype(int))
+        lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for row in table[table["rank"].isna()].to_dict("records"):
+        value, trials, diverged = row[key], row["trials"], row["diverged"]
+        why = "no trial" if trials == 0 else f"{trials} trials, none ran all {max_epochs} epochs"
+        if diverged:
+            why += f" ({diverged} diverged)"
+        lines.append(f"not ranked: {value}: {why}")
+    return "\n".join(lines)
 
 
 def leaderboard(results: StudyResults) -> pd.DataFrame:
-    """Per loss: the best trial by validation accuracy, and the mean and spread over trials
-    that share its configuration (several seeds, or repeats). After a confirmation, its
-    test accuracy over seeds, with the 95% interval."""
-    reported = results.reported
-    if reported.empty:
-        return pd.DataFrame()
+    """The comparison of what the study compares (`comparison`: per value, its trials,
+    full-budget trials, epochs spent and best full-budget trial); beside the losses of a
+    CIFAR-100 study the notebook's figures; after a confirmation, each value's mean test
+    accuracy over seeds with its 95% interval."""
+    key = results.key
+    board = comparison(results.trials, key, results.max_epochs, results.values)
     data = results.config.trial.data
-    # The notebook's numbers are CIFAR-100 (fine labels): no comparison on other data.
-    notebook = NOTEBOOK if (data.dataset, data.label_mode) == ("cifar100", "fine") else {}
-    keys = [k for k in results.searched if k in reported and k != "seed"]
-    rows = []
-    for loss, group in reported.groupby("loss.name"):
-        best = group.loc[group[BEST].idxmax()]
-        same = group
-        for key in keys:
-            same = same[(same[key] == best[key]) | (same[key].isna() & pd.isna(best[key]))]
-        rows.append(
-            {
-                "loss": loss,
-                "trials": len(group),
-                "best_trial": best.trial_id,
-                BEST: best[BEST],
-                "runs_of_best_config": len(same),
-                f"mean_{METRIC}": same[BEST].mean(),
-                f"std_{METRIC}": same[BEST].std(ddof=1) if len(same) > 1 else np.nan,
-                "notebook_test_accuracy": notebook.get(loss, np.nan),
-            }
-        )
-    board = pd.DataFrame(rows)
+    if key == "loss.name" and (data.dataset, data.label_mode) == ("cifar100", "fine"):
+        # The notebook's numbers are CIFAR-100 (fine labels): no comparison on other data.
+        board["notebook_test_accuracy"] = [NOTEBOOK.get(loss, np.nan) for loss in board[key]]
     confirmed, _ = confirmation(results)
     if not confirmed.empty:
         confirmed = confirmed.rename(
@@ -148,26 +194,21 @@ def leaderboard(results: StudyResults) -> pd.DataFrame:
                 "ci_high": "test_ci_high",
             }
         ).drop(columns=["mean_val_accuracy"])
-        board = board.merge(confirmed, on="loss", how="left")
-    return board.sort_values(BEST, ascending=False, ignore_index=True)
+        board = board.merge(confirmed, on=key, how="left")
+    return board
 
 
 def best_trial(results: StudyResults) -> pd.Series | None:
-    reported = results.reported
-    return None if reported.empty else reported.loc[reported[BEST].idxmax()]
+    """The best full-budget trial of the study, else the best trial that reported."""
+    trials = results.full_budget if not results.full_budget.empty else results.reported
+    return None if trials.empty else trials.loc[trials[BEST].idxmax()]
 
 
 def trial_config(results: StudyResults, trial_id: str) -> dict:
-    """A trial's full config, as its trials.csv row records it (dotted keys)."""
+    """The config a trial trained with, as dotted keys: its trials.csv row over the base."""
     row = results.trials.set_index("trial_id").loc[trial_id]
-    config = row_config(results.config.trial.to_dict(), row)
-    flat = {}
-    for section, values in config.items():
-        if isinstance(values, dict):
-            flat |= {f"{section}.{key}": value for key, value in values.items()}
-        else:
-            flat[section] = values
-    return flat
+    base = results.config.trial.to_dict()
+    return flatten(from_params(config_values(row, base), base).to_dict())
 
 
 def latest_checkpoint(results: StudyResults, trial_id: str) -> Path | None:

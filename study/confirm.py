@@ -11,11 +11,12 @@ test set, which nothing before has touched. Results go beside the study's own fi
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from study import data as data_lib
 from study import results, stats
-from study.config import METRIC, MODE, ConfigError, row_config, validate
+from study.config import METRIC, MODE, ConfigError, config_values, from_params, validate
 from study.search_config import StudyConfig, load_study
 from study.tuning import (
     CONFIG_FILE,
@@ -29,8 +30,7 @@ from study.tuning import (
 
 CONFIRM_DIR = "confirm"
 CONFIRM_FILE = "confirm.csv"
-COLUMNS = [
-    "loss",
+RUN_COLUMNS = [
     "config_id",
     "seed",
     "trial_id",
@@ -44,30 +44,55 @@ COLUMNS = [
 REFERENCE_LOSS = "categorical_crossentropy"
 
 
+def compared(study: StudyConfig) -> tuple[str, list]:
+    """The key the confirmation compares (what the study stratified by, else the loss) and
+    the values the space gives it."""
+    from analysis.results import compared_key
+
+    key = compared_key(study.search)
+    entry = study.search.space.get(key)
+    return key, list(entry.choice) if entry is not None and entry.kind == "choice" else []
+
+
+def reference_value(study: StudyConfig, key: str):
+    """What every other value is compared with: the baseline's value of the key (for the
+    loss, cross-entropy where there is no baseline); None: the best."""
+    return study.search.baseline.get(key, REFERENCE_LOSS if key == "loss.name" else None)
+
+
 def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[list[dict], list]:
-    """Each loss's best `top_per_loss` full-budget trials by validation accuracy, as
-    candidates {loss, config_id, config}; and notes on losses left out."""
+    """Each compared value's best `top_per_loss` full-budget trials by validation accuracy,
+    as candidates {value, config_id, config}; and a note on each value left out, and why."""
+    from analysis.results import comparison
+
     trials_file = results_dir / "trials.csv"
     if not trials_file.is_file():
         raise ConfigError(f"--confirm: {results_dir} holds no trials.csv; run the study first")
     trials = pd.read_csv(trials_file, dtype={"trial_id": str})
     epochs = study.trial.training.epochs
-    full = trials[(trials.status == "completed") & (trials.epochs_run >= epochs)]
-    full = full.dropna(subset=[f"best_{METRIC}"])
+    key, values = compared(study)
     notes = []
     unfinished = trials.status.isin(["pending", "running", "restarting"]).sum()
     if unfinished:
         notes.append(f"{unfinished} trials of the study had not finished; resume it first?")
     base = study.trial.to_dict()
+    full = trials[(trials.status == "completed") & (trials.epochs_run >= epochs)]
+    full = full.dropna(subset=[f"best_{METRIC}"])
     candidates = []
-    for loss in dict.fromkeys(trials["loss.name"]):
-        ranked = full[full["loss.name"] == loss].sort_values(f"best_{METRIC}", ascending=False)
-        if ranked.empty:
-            notes.append(f"{loss}: no trial ran all {epochs} epochs; not confirmed")
+    for row in comparison(trials, key, epochs, values).to_dict("records"):
+        value = row[key]
+        if not row["full_budget_trials"]:
+            why = f"none of its {row['trials']} trials ran all {epochs} epochs"
+            if row["diverged"]:
+                why += f" ({row['diverged']} diverged)"
+            if not row["trials"]:
+                why = "no trial in the study"
+            notes.append(f"{key}={value}: {why}; not confirmed")
             continue
-        for _, row in ranked.head(top_per_loss).iterrows():
-            config = validate(row_config(base, row)).to_dict()
-            candidates.append({"loss": loss, "config_id": row.trial_id, "config": config})
+        ranked = full[full[key] == value].sort_values(f"best_{METRIC}", ascending=False)
+        for _, trial in ranked.head(top_per_loss).iterrows():
+            config = from_params(config_values(trial, base), base).to_dict()
+            candidates.append({"value": value, "config_id": trial.trial_id, "config": config})
     if not candidates:
         raise ConfigError(f"--confirm: no trial in {results_dir} ran the full {epochs} epochs")
     return candidates, notes
@@ -85,14 +110,19 @@ def _recorder_class():
     from study.records import StudyRecorder
 
     class ConfirmRecorder(StudyRecorder):
-        """The study's recorder, keyed by candidate and seed; also keeps confirm.csv."""
+        """The study's recorder, keyed by candidate and seed; also keeps confirm.csv, whose
+        first column is the compared key (`loss.name`, or what the study stratified by)."""
+
+        def __init__(self, results_dir: Path, max_epochs: int, key: str):
+            super().__init__(results_dir, max_epochs)
+            self.key = key
 
         def _row(self, trial) -> dict:
             if trial.trial_id not in self.trials:
                 candidate = trial.config["candidate"]
                 self.trials[trial.trial_id] = {
                     "trial_id": trial.trial_id,
-                    "loss": candidate["loss"],
+                    self.key: candidate["value"],
                     "config_id": candidate["config_id"],
                     "seed": trial.config["seed"],
                     "status": "pending",
@@ -116,12 +146,13 @@ def _recorder_class():
 
         def _save(self) -> None:
             super()._save()
-            results.write_csv(self.results_dir.parent / CONFIRM_FILE, confirm_rows(self.trials))
+            rows = confirm_rows(self.trials, self.key)
+            results.write_csv(self.results_dir.parent / CONFIRM_FILE, rows)
 
     return ConfirmRecorder
 
 
-def confirm_rows(trials: dict[str, dict]) -> list[dict]:
+def confirm_rows(trials: dict[str, dict], key: str) -> list[dict]:
     renamed = {
         "epochs_run": "epochs",
         "last_val_accuracy": "val_accuracy",
@@ -129,26 +160,39 @@ def confirm_rows(trials: dict[str, dict]) -> list[dict]:
     }
     rows = []
     for trial in trials.values():
-        row = {renamed.get(key, key): value for key, value in trial.items()}
-        rows.append({column: row.get(column) for column in COLUMNS})
+        row = {renamed.get(name, name): value for name, value in trial.items()}
+        rows.append({column: row.get(column) for column in [key, *RUN_COLUMNS]})
     return rows
 
 
-def summary(confirm: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per loss: its configuration with the best mean validation accuracy over seeds, and
-    that configuration's mean test accuracy with a 95% t interval. Then each loss's
-    difference to cross-entropy (or to the best loss), with Welch's interval."""
+def read_confirm(path: Path) -> pd.DataFrame:
+    """confirm.csv; files written before it named the compared key say `loss`."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    confirm = pd.read_csv(path, dtype={"config_id": str, "trial_id": str})
+    return confirm.rename(columns={"loss": "loss.name"})
+
+
+def summary(
+    confirm: pd.DataFrame, key: str = "loss.name", reference=REFERENCE_LOSS
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per compared value: its configuration with the best mean validation accuracy over
+    seeds, and that configuration's mean test accuracy with a 95% t interval. Then each
+    value's difference to `reference` (or to the best value), with Welch's interval,
+    Bonferroni-corrected for the number of differences: together they hold with 95%
+    confidence, so `resolved` (the interval excludes 0) keeps its meaning however many
+    values are compared."""
     done = confirm[confirm.status == "completed"].dropna(subset=["test_accuracy"])
     rows, runs = [], {}
-    for loss, group in done.groupby("loss", sort=False):
+    for value, group in done.groupby(key, sort=False):
         by_config = group.groupby("config_id", sort=False).val_accuracy.mean()
         config_id = by_config.idxmax()  # Chosen by validation: the test set only reports.
         chosen = group[group.config_id == config_id]
         mean, low, high = stats.mean_interval(chosen.test_accuracy)
-        runs[loss] = chosen.test_accuracy.to_numpy()
+        runs[value] = chosen.test_accuracy.to_numpy()
         rows.append(
             {
-                "loss": loss,
+                key: value,
                 "config_id": config_id,
                 "seeds": len(chosen),
                 "mean_val_accuracy": chosen.val_accuracy.mean(),
@@ -161,41 +205,46 @@ def summary(confirm: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     if table.empty:
         return table, pd.DataFrame()
     table = table.sort_values("mean_test_accuracy", ascending=False, ignore_index=True)
-    reference = REFERENCE_LOSS if REFERENCE_LOSS in runs else table.loss.iloc[0]
+    reference = reference if reference in runs else table[key].iloc[0]
+    others = [value for value in table[key] if value != reference]
+    level = 1 - (1 - stats.LEVEL) / max(len(others), 1)  # Bonferroni.
     differences = []
-    for loss in table.loss:
-        if loss == reference:
-            continue
-        difference, low, high, p = stats.welch_difference(runs[loss], runs[reference])
-        resolved = bool(low > 0 or high < 0)  # NaN compares False: not resolved.
+    for value in others:
+        difference, low, high, p = stats.welch_difference(runs[value], runs[reference], level)
         differences.append(
             {
-                "loss": loss,
+                key: value,
                 "versus": reference,
                 "difference": difference,
                 "ci_low": low,
                 "ci_high": high,
                 "p_value": p,
-                "resolved": resolved,
+                "p_bonferroni": float(np.minimum(1.0, p * len(others))),
+                "resolved": bool(low > 0 or high < 0),  # NaN compares False: not resolved.
             }
         )
     return table, pd.DataFrame(differences)
 
 
-def format_summary(table: pd.DataFrame, differences: pd.DataFrame) -> str:
+def format_summary(table: pd.DataFrame, differences: pd.DataFrame, key="loss.name") -> str:
     if table.empty:
         return "no confirmation run has finished"
-    lines = [f"Test accuracy per loss, mean over seeds with its {stats.LEVEL:.0%} interval:"]
-    for row in table.itertuples():
+    lines = [f"Test accuracy per {key}, mean over seeds with its {stats.LEVEL:.0%} interval:"]
+    for row in table.to_dict("records"):
         lines.append(
-            f"  {row.loss:32s} {row.mean_test_accuracy:.4f}  [{row.ci_low:.4f}, "
-            f"{row.ci_high:.4f}]  {row.seeds} seeds, config {row.config_id}"
+            f"  {row[key]!s:32s} {row['mean_test_accuracy']:.4f}  [{row['ci_low']:.4f}, "
+            f"{row['ci_high']:.4f}]  {row['seeds']} seeds, config {row['config_id']}"
         )
-    for row in differences.itertuples():
-        verdict = "resolved" if row.resolved else "not resolved (the interval holds 0)"
+    if not differences.empty:
         lines.append(
-            f"  {row.loss} - {row.versus}: {row.difference:+.4f} [{row.ci_low:+.4f}, "
-            f"{row.ci_high:+.4f}] (Welch), {verdict}"
+            f"Differences, with Welch's intervals Bonferroni-corrected for {len(differences)} "
+            f"comparisons (together {stats.LEVEL:.0%}):"
+        )
+    for row in differences.to_dict("records"):
+        verdict = "resolved" if row["resolved"] else "not resolved (the interval holds 0)"
+        lines.append(
+            f"  {row[key]} - {row['versus']}: {row['difference']:+.4f} [{row['ci_low']:+.4f}, "
+            f"{row['ci_high']:+.4f}], {verdict}"
         )
     return "\n".join(lines)
 
@@ -237,8 +286,12 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
         command = resume_command(options, "--confirm")
         print(f"interrupted; continue with: {command}", file=sys.stderr)
         return 130
-    confirm = pd.read_csv(results_dir / CONFIRM_FILE, dtype={"config_id": str, "trial_id": str})
-    print("\n" + format_summary(*summary(confirm)))
+    key = compared(study)[0]
+    confirm = read_confirm(results_dir / CONFIRM_FILE)
+    tables = summary(confirm, key, reference_value(study, key))
+    print("\n" + format_summary(*tables, key))
+    for note in notes:  # Again, under the table: what the comparison leaves out.
+        print(f"note: {note}")
     print(f"results: {results_dir / CONFIRM_FILE}")
     return 0
 
@@ -251,7 +304,7 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, p
     concurrent = resources(study, options)[1]
     trainable = tune.with_resources(tune.with_parameters(confirm_function, data=data), per_trial)
     confirm_dir = options.results_dir / CONFIRM_DIR
-    recorder = _recorder_class()(confirm_dir, study.trial.training.epochs)
+    recorder = _recorder_class()(confirm_dir, study.trial.training.epochs, compared(study)[0])
     # Beside the study's own experiment: <storage>/<name>/confirm.
     storage = options.experiment_path
     if options.resume:
@@ -281,7 +334,7 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, p
             progress_reporter=tune.CLIReporter(
                 metric_columns={"epoch": "epoch", METRIC: "val_acc", "test_accuracy": "test_acc"},
                 parameter_columns={
-                    "candidate/loss": "loss",
+                    "candidate/value": compared(study)[0],
                     "candidate/config_id": "config",
                     "seed": "seed",
                 },

@@ -37,7 +37,9 @@ def study_folder(tmp_path_factory, cifar10_tarball):
     trial runs the full budget and every figure can be drawn; ASHA's effects are tested
     on an edited copy below and in test_study.py."""
     root = tmp_path_factory.mktemp("analysis")
-    config = write_study_config(root / "study.yaml", num_samples=6, scheduler="fifo")
+    # A joint search (not stratified): the analysis reads both kinds; importance needs a
+    # study with several full-budget trials. The stratified kind is read in test_study.py.
+    config = write_study_config(root / "study.yaml", num_samples=6, scheduler="fifo", stratify=None)
     with isolated_ray() as env:
         result = run_cli(
             "study.run",
@@ -65,7 +67,7 @@ def test_report_writes_every_figure_and_embeds_it(study_folder, tmp_path):
     for name in FIGURES:
         _is_png(tmp_path / f"{name}.png")
         assert f"]({name}.png)" in text
-    assert "full-budget trials only" in text
+    assert "COMPLETE trials, which ran the full budget" in text
     assert "No confirmation yet" in text and "confirmation.png" not in text
     assert "mean_test_accuracy" not in leaderboard(load(study_folder))
     per_class = pd.read_csv(tmp_path / "per_class_accuracy.csv")
@@ -74,16 +76,49 @@ def test_report_writes_every_figure_and_embeds_it(study_folder, tmp_path):
 
 def test_leaderboard_numbers_come_from_trials_csv(study_folder):
     trials = pd.read_csv(study_folder / "trials.csv", dtype={"trial_id": str})
-    board = leaderboard(load(study_folder)).set_index("loss")
+    board = leaderboard(load(study_folder)).set_index("loss.name")
     expected = trials.groupby("loss.name").best_val_accuracy.max()
-    assert set(board.index) == set(expected.index)
+    # Every loss of the space is listed; those with a full-budget trial ranked (FIFO: all).
+    assert set(board.index) == {
+        "categorical_crossentropy",
+        "hinge",
+        "mean_squared_logarithmic_error",
+    }
+    ranked = board[board["rank"].notna()]
+    assert set(ranked.index) == set(expected.index)
+    assert ranked["rank"].tolist() == list(range(1, len(expected) + 1))
+    assert ranked.best_val_accuracy.is_monotonic_decreasing
     for loss, value in expected.items():
+        count = (trials["loss.name"] == loss).sum()
         assert board.loc[loss, "best_val_accuracy"] == pytest.approx(value)
         best = trials.loc[trials[trials["loss.name"] == loss].best_val_accuracy.idxmax()]
         assert board.loc[loss, "best_trial"] == best.trial_id
-        assert board.loc[loss, "trials"] == (trials["loss.name"] == loss).sum()
-        # The study is on CIFAR-10: the notebook's CIFAR-100 numbers are not put beside it.
-        assert np.isnan(board.loc[loss, "notebook_test_accuracy"])
+        assert board.loc[loss, "trials"] == board.loc[loss, "full_budget_trials"] == count
+        assert board.loc[loss, "epochs_spent"] == count * 4
+    # The study is on CIFAR-10: the notebook's CIFAR-100 numbers are not put beside it.
+    assert "notebook_test_accuracy" not in board
+
+
+def test_a_loss_without_a_full_budget_trial_is_listed_apart(study_folder, tmp_path):
+    """Early-stopped trials are not compared with full-budget ones: their loss is shown,
+    with what it spent, and not ranked."""
+    copy = tmp_path / "stopped"
+    shutil.copytree(study_folder, copy, ignore=shutil.ignore_patterns("trial_*"))
+    trials = pd.read_csv(copy / "trials.csv", dtype={"trial_id": str})
+    loss = trials["loss.name"].iloc[-1]
+    stopped = trials["loss.name"] == loss
+    trials.loc[stopped, ["status", "epochs_run"]] = ["early_stopped", 1]
+    trials.loc[stopped, "best_val_accuracy"] = 0.99  # Better than all: still not ranked.
+    trials.to_csv(copy / "trials.csv", index=False)
+    board = leaderboard(load(copy)).set_index("loss.name")
+    count = stopped.sum()
+    assert np.isnan(board.loc[loss, "rank"]) and board.loc[loss, "full_budget_trials"] == 0
+    assert board.loc[loss, "trials"] == count
+    assert board["rank"].dropna().tolist() == list(range(1, trials["loss.name"].nunique()))
+    text = write_report(copy, tmp_path / "out").read_text()
+    line = f"**Not ranked: {loss}** (none of its {count} trials ran all 4 epochs; {count} epochs"
+    assert line in text
+    assert f"| {loss}" not in text.split("## Leaderboard")[1].split("**Not ranked")[0]
 
 
 def test_notebook_figures_stand_beside_a_cifar100_study(study_folder, tmp_path):
@@ -92,12 +127,15 @@ def test_notebook_figures_stand_beside_a_cifar100_study(study_folder, tmp_path):
     config = yaml.safe_load((copy / "config.yaml").read_text())
     config["data"]["dataset"] = "cifar100"
     (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    board = leaderboard(load(copy)).set_index("loss")
+    board = leaderboard(load(copy)).set_index("loss.name")
     for loss in board.index:
         np.testing.assert_equal(
             board.loc[loss, "notebook_test_accuracy"], NOTEBOOK.get(loss, np.nan)
         )
+    # The notebook's published figures, not the constant restated.
     assert board.loc["categorical_crossentropy", "notebook_test_accuracy"] == 0.5275
+    assert board.loc["mean_squared_logarithmic_error", "notebook_test_accuracy"] == 0.4608
+    assert board.loc["hinge", "notebook_test_accuracy"] == 0.0897
 
 
 def _stop_early(folder, count):
@@ -113,18 +151,23 @@ def _stop_early(folder, count):
 
 
 def test_asha_savings_and_full_budget_only_importance(study_folder, tmp_path):
-    from analysis.figures import _full_budget_study
+    from analysis.figures import importances
 
     copy = tmp_path / "asha"
     shutil.copytree(study_folder, copy)
-    stopped = _stop_early(copy, 2)
+    _stop_early(copy, 2)
     trials = pd.read_csv(copy / "trials.csv")
     text = write_report(copy, tmp_path / "out").read_text()
     spent, budget = int(trials.epochs_run.sum()), len(trials) * 4
     assert f"{spent} epochs run of the {budget}" in text
     assert f"ASHA saved {1 - spent / budget:.0%}" in text
-    results = load(copy)
-    assert len(_full_budget_study(results).trials) == len(trials) - len(stopped)
+    # Importance is read from the study's own Optuna record, within each loss, from its
+    # COMPLETE (full-budget) trials.
+    found = importances(load(study_folder))
+    assert list(found) == [None]  # A joint search: one Optuna study.
+    count, scores, _ = found[None]
+    assert count == 6 and set(scores) == {"loss.name", "optimizer.name", "optimizer.learning_rate"}
+    assert sum(scores.values()) == pytest.approx(1.0)
 
 
 def test_missing_pieces_give_a_partial_report(study_folder, tmp_path):
@@ -201,8 +244,10 @@ def test_confirmation_in_the_report_and_leaderboard(study_folder, tmp_path):
         for loss, trial_id in zip(best["loss.name"], best.trial_id, strict=True)
         for seed, accuracy in enumerate(accuracies[loss], start=1)
     ]  # fmt: skip
+    # Written as confirm.csv files were before their first column was named by the compared
+    # key ("loss.name"): such files read alike.
     pd.DataFrame(rows).to_csv(copy / "confirm.csv", index=False)
-    board = leaderboard(load(copy)).set_index("loss")
+    board = leaderboard(load(copy)).set_index("loss.name")
     t_975 = 4.302652729749464  # Student's t, 2 degrees of freedom
     for loss in best["loss.name"]:
         values = np.array(accuracies[loss])

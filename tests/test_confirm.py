@@ -25,7 +25,7 @@ def _confirm_frame(runs: dict[str, list[float]], config_id="a") -> pd.DataFrame:
         for seed, accuracy in enumerate(accuracies, start=1):
             rows.append(
                 {
-                    "loss": loss,
+                    "loss.name": loss,
                     "config_id": config_id,
                     "seed": seed,
                     "trial_id": f"{loss}-{seed}",
@@ -47,29 +47,45 @@ def test_intervals_match_a_reference_computation():
         "focal": [0.515, 0.52, 0.50],
     }
     table, differences = confirm.summary(_confirm_frame(runs))
-    table = table.set_index("loss")
+    table = table.set_index("loss.name")
     for loss, values in runs.items():
         mean, sd = np.mean(values), np.std(values, ddof=1)
         half = T_975[2] * sd / math.sqrt(3)
         assert table.loc[loss, "mean_test_accuracy"] == pytest.approx(mean)
         assert table.loc[loss, "ci_low"] == pytest.approx(mean - half)
         assert table.loc[loss, "ci_high"] == pytest.approx(mean + half)
-    differences = differences.set_index("loss")
+    differences = differences.set_index("loss.name")
     assert set(differences.versus) == {"categorical_crossentropy"}
     reference = runs["categorical_crossentropy"]
     for loss in ("hinge", "focal"):
         a, b = runs[loss], reference
         va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3
         df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)  # Welch-Satterthwaite
-        half = scipy_stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+        # Two differences at once: Bonferroni gives each 97.5%, so together they hold 95%.
+        half = scipy_stats.t.ppf(1 - 0.05 / 2 / 2, df) * math.sqrt(va + vb)
         difference = np.mean(a) - np.mean(b)
         assert differences.loc[loss, "difference"] == pytest.approx(difference)
         assert differences.loc[loss, "ci_low"] == pytest.approx(difference - half)
         assert differences.loc[loss, "ci_high"] == pytest.approx(difference + half)
+        p = 2 * scipy_stats.t.sf(abs(difference) / math.sqrt(va + vb), df)
+        assert differences.loc[loss, "p_value"] == pytest.approx(p)
+        assert differences.loc[loss, "p_bonferroni"] == pytest.approx(min(1, 2 * p))
     # Hinge is far worse: resolved. Focal is within noise of cross-entropy: not resolved.
     assert differences.loc["hinge", "resolved"] and not differences.loc["focal", "resolved"]
     text = confirm.format_summary(*confirm.summary(_confirm_frame(runs)))
     assert "hinge - categorical_crossentropy" in text and "not resolved" in text
+    assert "Bonferroni-corrected for 2 comparisons" in text
+
+
+def test_the_correction_keeps_resolved_meaning_resolved():
+    """A gap that one comparison resolves is not resolved when it is one of many: the
+    intervals widen with the number of comparisons, as Bonferroni asks."""
+    pair = {"categorical_crossentropy": [0.50, 0.52, 0.51], "focal": [0.47, 0.485, 0.49]}
+    one = confirm.summary(_confirm_frame(pair))[1].set_index("loss.name")
+    many = {**pair, **{f"other{i}": [0.2, 0.21, 0.22] for i in range(5)}}
+    six = confirm.summary(_confirm_frame(many))[1].set_index("loss.name")
+    assert one.loc["focal", "resolved"] and not six.loc["focal", "resolved"]
+    assert six.loc["focal", "ci_low"] < one.loc["focal", "ci_low"]
 
 
 def test_each_loss_keeps_the_configuration_best_on_validation():
@@ -86,7 +102,8 @@ def test_each_loss_keeps_the_configuration_best_on_validation():
 
 
 def test_selection_takes_full_budget_trials_by_validation(tmp_path):
-    study = load_study(None, ["training.epochs=4"])
+    space = "search.space.loss.name={choice: [categorical_crossentropy, hinge, focal]}"
+    study = load_study(None, ["training.epochs=4", space, "search.num_samples=3"])
     base = {"loss.name": "categorical_crossentropy", "optimizer.learning_rate": 1e-3}
     trials = pd.DataFrame(
         [
@@ -101,7 +118,10 @@ def test_selection_takes_full_budget_trials_by_validation(tmp_path):
     candidates, notes = confirm.select(study, tmp_path, top_per_loss=1)
     assert [c["config_id"] for c in candidates] == ["b"]
     assert candidates[0]["config"]["optimizer"]["learning_rate"] == pytest.approx(3e-4)
-    assert notes == ["hinge: no trial ran all 4 epochs; not confirmed"]
+    assert notes == [
+        "loss.name=hinge: none of its 1 trials ran all 4 epochs; not confirmed",
+        "loss.name=focal: no trial in the study; not confirmed",
+    ]
     two, _ = confirm.select(study, tmp_path, top_per_loss=2)
     assert [c["config_id"] for c in two] == ["b", "a"]
     trials.assign(epochs_run=1).to_csv(tmp_path / "trials.csv", index=False)
@@ -166,19 +186,19 @@ def test_seed_grid_then_confirmation_killed_and_resumed(tmp_path, cifar100_tarba
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     runs = pd.read_csv(folder / "confirm.csv", dtype={"trial_id": str, "config_id": str})
-    assert list(runs.columns) == confirm.COLUMNS
+    assert list(runs.columns) == ["loss.name", *confirm.RUN_COLUMNS]
     assert len(runs) == 4 and set(runs.status) == {"completed"}
     assert set(runs.epochs) == {2}
-    assert runs.groupby("loss").seed.apply(sorted).tolist() == [[1, 2], [1, 2]]
+    assert runs.groupby("loss.name").seed.apply(sorted).tolist() == [[1, 2], [1, 2]]
     assert runs.test_accuracy.between(0, 1).all() and runs.val_accuracy.between(0, 1).all()
     # Each loss's configuration is its grid trial; the runs finished before the kill stand.
     ids = dict(zip(trials["loss.name"], trials.trial_id, strict=True))
-    assert all(ids[row.loss] == row.config_id for row in runs.itertuples())
+    assert all(ids[row["loss.name"]] == row["config_id"] for row in runs.to_dict("records"))
     done = before[before.status == "completed"]
     kept = runs.merge(done, on=["trial_id", "test_accuracy"])
     assert len(kept) == len(done)
     # The printed table is the reference computation over confirm.csv.
-    for loss, group in runs.groupby("loss"):
+    for loss, group in runs.groupby("loss.name"):
         values = group.test_accuracy.to_numpy()
         mean = values.mean()
         half = T_975[1] * values.std(ddof=1) / math.sqrt(2)
