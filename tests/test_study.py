@@ -11,6 +11,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from ray import tune
 
 from .conftest import (
     REPO,
@@ -99,6 +100,12 @@ def test_study_searches_stops_early_and_writes_its_tables(
             if trial.status == "completed":
                 assert by_id[trial.trial_id].value == pytest.approx(trial.best_val_accuracy)
     assert yaml.safe_load((folder / "config.yaml").read_text())["search"]["num_samples"] == 6
+    # Ray's own views show what each trial ran: every searched key once, as trained.
+    frame = tune.ExperimentAnalysis(str(folder)).dataframe().set_index("trial_id")
+    assert not [c for c in frame.columns if c.startswith(("config/optimizer/", "config/loss/"))]
+    for trial in trials.to_dict("records"):
+        for key in ("loss.name", "optimizer.name", "optimizer.learning_rate", "training.epochs"):
+            assert frame.loc[trial["trial_id"], f"config/{key}"] == trial[key], key
     # The final table: every loss, ranked by its best full-budget trial.
     assert (
         "Per loss.name, ranked by the best val_accuracy of a trial that ran all 4" in result.stdout
