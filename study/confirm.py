@@ -24,6 +24,8 @@ from study.tuning import (
     check_cluster,
     check_options,
     connect,
+    recorded_epochs,
+    resilient,
     resources,
     resume_command,
 )
@@ -98,12 +100,15 @@ def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[li
     return candidates, notes
 
 
-def confirm_function(params, data):
+def confirm_function(params, data, recorded=None):
     """One confirmation run, in its Ray worker: a candidate's config with a new seed."""
+    from ray import tune
+
     from study.trainable import run_tune_trial
 
     raw = {**params["candidate"]["config"], "seed": params["seed"]}
-    run_tune_trial(validate(raw), data, evaluate_test=True)
+    epoch = (recorded or {}).get(tune.get_context().get_trial_id())
+    run_tune_trial(validate(raw), data, evaluate_test=True, recorded=epoch)
 
 
 def _recorder_class():
@@ -231,9 +236,12 @@ def format_summary(table: pd.DataFrame, differences: pd.DataFrame, key="loss.nam
         return "no confirmation run has finished"
     lines = [f"Test accuracy per {key}, mean over seeds with its {stats.LEVEL:.0%} interval:"]
     for row in table.to_dict("records"):
+        interval = f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+        if np.isnan(row["ci_low"]):  # All seeds alike: no spread to estimate from.
+            interval = "[no interval: every seed gave the same]"
         lines.append(
-            f"  {row[key]!s:32s} {row['mean_test_accuracy']:.4f}  [{row['ci_low']:.4f}, "
-            f"{row['ci_high']:.4f}]  {row['seeds']} seeds, config {row['config_id']}"
+            f"  {row[key]!s:32s} {row['mean_test_accuracy']:.4f}  {interval}  "
+            f"{row['seeds']} seeds, config {row['config_id']}"
         )
     if not differences.empty:
         lines.append(
@@ -302,8 +310,10 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, p
     from study.search import trial_dirname
 
     concurrent = resources(study, options)[1]
-    trainable = tune.with_resources(tune.with_parameters(confirm_function, data=data), per_trial)
     confirm_dir = options.results_dir / CONFIRM_DIR
+    recorded = recorded_epochs(confirm_dir) if options.resume else {}
+    trainable = tune.with_parameters(confirm_function, data=data, recorded=recorded)
+    trainable = tune.with_resources(resilient(trainable), per_trial)
     recorder = _recorder_class()(confirm_dir, study.trial.training.epochs, compared(study)[0])
     # Beside the study's own experiment: <storage>/<name>/confirm.
     storage = options.experiment_path

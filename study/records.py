@@ -97,13 +97,16 @@ class StudyRecorder(tune.Callback):
             return
         epoch = int(result["epoch"])
         rerun = any(r["trial_id"] == trial.trial_id and r["epoch"] == epoch for r in self.epochs)
-        self.epochs.append(
-            {
-                "trial_id": trial.trial_id,
-                **{key: result[key] for key in EPOCH_COLUMNS if key in result},
-                "rerun": int(rerun),
-            }
-        )
+        # A restored trial reports its last epoch again where its driver died after it: that
+        # epoch ran once, and has its row unless the driver died before writing it.
+        if not (rerun and result.get("replayed")):
+            self.epochs.append(
+                {
+                    "trial_id": trial.trial_id,
+                    **{key: result[key] for key in EPOCH_COLUMNS if key in result},
+                    "rerun": int(rerun),
+                }
+            )
         row["status"] = "running"
         row["epochs_run"] = epoch
         row["last_val_accuracy"] = result[METRIC]

@@ -5,12 +5,14 @@ go is up to a `sink`: `LocalSink` (study/local.py) writes a run folder, `TuneSin
 them to Ray Tune. `tune_trainable` is the function Ray Tune runs.
 """
 
+import contextlib
 import json
 import math
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,18 +74,30 @@ def compile_for_devices(config: TrialConfig, steps_per_epoch: int, devices: dict
     )
 
 
-def save_checkpoint(model: keras.Model, epoch: int, directory: Path) -> Path:
+# Marks a report of an epoch that a restored trial had already reported before its driver
+# died: the study records it once (study/records.py).
+REPLAYED = "replayed"
+
+
+def save_checkpoint(model: keras.Model, epoch: int, directory: Path, metrics=None) -> Path:
+    """model.keras (weights and optimizer state) and state.json: the epochs done and the
+    last epoch's metrics, which a trial restored after its last epoch reports again."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory / MODEL_FILE)
-    (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
+    state = {"epoch": epoch, "metrics": metrics or {}}
+    (directory / STATE_FILE).write_text(json.dumps(state))
     return directory
+
+
+def read_state(directory: Path) -> dict:
+    return json.loads((Path(directory) / STATE_FILE).read_text())
 
 
 def restore_checkpoint(model: keras.Model, directory: Path) -> int:
     """Loads weights and optimizer state into a compiled model; returns the epochs done."""
     model.optimizer.build(model.trainable_variables)
     model.load_weights(directory / MODEL_FILE)
-    return json.loads((directory / STATE_FILE).read_text())["epoch"]
+    return read_state(directory)["epoch"]
 
 
 class EpochReporter(keras.callbacks.Callback):
@@ -137,7 +151,8 @@ class EpochReporter(keras.callbacks.Callback):
         last = done == self.config.training.epochs
         checkpoint = None
         if last or done % self.config.training.checkpoint_every == 0:
-            checkpoint = save_checkpoint(self.model, done, Path(tempfile.mkdtemp()) / "checkpoint")
+            directory = Path(tempfile.mkdtemp()) / "checkpoint"
+            checkpoint = save_checkpoint(self.model, done, directory, metrics)
         if last:
             self.final = (metrics, checkpoint)  # Reported with the test metrics, after fit.
         else:
@@ -163,18 +178,46 @@ def _datasets(config: TrialConfig, splits: data_lib.Splits):
     return train, evaluation(splits.x_val, splits.y_val), evaluation(splits.x_test, splits.y_test)
 
 
+def _restore_first(config: TrialConfig, build, checkpoints):
+    """The model from the first of `checkpoints` that loads, its epoch and the checkpoint;
+    a fresh model, epoch 0 and None if none does. Also what could not be read, and why."""
+    model, failed = build(), []
+    for checkpoint in checkpoints:
+        try:
+            return model, restore_checkpoint(model, checkpoint), checkpoint, failed
+        except Exception as error:  # Truncated, corrupt or missing: any of them, go on.
+            text = str(error).splitlines()[0] if str(error) else ""
+            failed.append(
+                f"checkpoint {checkpoint} unreadable ({type(error).__name__}: {text})"[:300]
+            )
+            # A half-loaded model is neither the checkpoint nor a fresh start: rebuild it.
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(config.seed)
+            model = build()
+    return model, 0, None, failed
+
+
+def _evaluate(model: keras.Model, dataset) -> dict:
+    loss, accuracy = model.evaluate(dataset, verbose=0)
+    return {"test_loss": float(loss), "test_accuracy": float(accuracy)}
+
+
 def train_and_evaluate(
     config: TrialConfig,
     data: data_lib.CifarData,
     sink,
-    checkpoint: Path | None = None,
+    checkpoint: Path | Iterable[Path] | None = None,
     evaluate_test: bool = True,
+    warning: str | None = None,
 ) -> Outcome:
-    """Trains one configuration, reporting each epoch to `sink`; resumes from `checkpoint`.
+    """Trains one configuration, reporting each epoch to `sink`; resumes from `checkpoint`
+    (or from the first of several that loads, newest first: a trial's older checkpoints
+    stand in for one that is unreadable), else from scratch, with a warning either way.
 
     With `evaluate_test`, the finished model is evaluated once on the test set and the
     last report carries `test_loss` and `test_accuracy`. A search's trials leave the test
-    set alone: only the confirmation phase (study/confirm.py) measures it.
+    set alone: only the confirmation phase (study/confirm.py) measures it. `warning` goes
+    out with the first report (into trials.csv).
     """
     keras.backend.clear_session()  # A reused Ray worker starts each trial afresh.
     keras.utils.set_random_seed(config.seed)
@@ -182,19 +225,27 @@ def train_and_evaluate(
     splits = data_lib.split(data, config.data, seed=config.data.split_seed)
     train, validation, test = _datasets(config, splits)
     steps_per_epoch = math.ceil(len(splits.y_train) / config.training.batch_size)
-    model = compile_for_devices(config, steps_per_epoch, devices)
-    initial_epoch, warning = 0, None
-    if checkpoint:
-        try:
-            initial_epoch = restore_checkpoint(model, checkpoint)
-        except Exception as error:  # Truncated, corrupt or missing: any of them, start over.
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            warning = f"checkpoint {checkpoint} unreadable ({reason[:200]}); restarted from scratch"
-            print(f"warning: {warning}", file=sys.stderr)
-            # A half-loaded model is neither the checkpoint nor a fresh start: rebuild it.
-            keras.backend.clear_session()
-            keras.utils.set_random_seed(config.seed)
-            model = compile_for_devices(config, steps_per_epoch, devices)
+    checkpoints = [checkpoint] if isinstance(checkpoint, Path) else checkpoint or []
+    model, initial_epoch, restored, failed = _restore_first(
+        config, lambda: compile_for_devices(config, steps_per_epoch, devices), checkpoints
+    )
+    if failed:
+        where = (
+            f"continued from epoch {initial_epoch}" if initial_epoch else "restarted from scratch"
+        )
+        failed = "; ".join(failed) + f"; {where}"
+        warning = f"{warning}; {failed}" if warning else failed
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    if initial_epoch >= config.training.epochs:
+        # Its driver died after the trial's last epoch: report that epoch again (the study
+        # records it once), train nothing.
+        print(f"checkpoint holds the last epoch ({initial_epoch}): nothing to train")
+        final = read_state(restored).get("metrics")
+        test = _evaluate(model, test) if evaluate_test else {}
+        if final:
+            sink.report({**final, **test, REPLAYED: True}, None)
+        return Outcome("completed", [final] if final else [], test=test)
     reporter = EpochReporter(sink, config, len(splits.y_train), warning)
     model.fit(
         train,
@@ -209,10 +260,7 @@ def train_and_evaluate(
         epoch, step = reporter.diverged_at
         message = f"non-finite loss in epoch {epoch}, step {step}"
         return Outcome("diverged", reporter.history, message=message)
-    test_metrics = {}
-    if evaluate_test:
-        test_loss, test_accuracy = model.evaluate(test, verbose=0)
-        test_metrics = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy)}
+    test_metrics = _evaluate(model, test) if evaluate_test else {}
     if reporter.final is not None:
         metrics, final_checkpoint = reporter.final
         metrics.update(test_metrics)
@@ -248,7 +296,11 @@ def _placement() -> dict:
 
 
 def tune_trainable(
-    params: dict, data: data_lib.CifarData, base: dict | None = None, evaluate_test=False
+    params: dict,
+    data: data_lib.CifarData,
+    base: dict | None = None,
+    evaluate_test=False,
+    recorded: int | None = None,
 ) -> None:
     """The function Ray Tune runs: build the trial's config, resume if asked, train.
 
@@ -257,19 +309,28 @@ def tune_trainable(
     the study records it and the searcher marks it failed, and ends without an error (a
     retry would diverge again).
     """
-    run_tune_trial(from_params(params, base), data, evaluate_test)
+    run_tune_trial(from_params(params, base), data, evaluate_test, recorded)
 
 
-def run_tune_trial(config: TrialConfig, data: data_lib.CifarData, evaluate_test: bool) -> None:
+def run_tune_trial(
+    config: TrialConfig, data: data_lib.CifarData, evaluate_test: bool, recorded=None
+) -> None:
+    """One Tune trial; `recorded` is the last epoch the study had recorded for it when it
+    resumed (see `study.tuning.restore_order`)."""
     from ray import tune
 
+    from study.tuning import RESTORE_NOTES, restore_order
+
     sink = TuneSink(_placement())
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        outcome = train_and_evaluate(config, data, sink, evaluate_test=evaluate_test)
-    else:
-        with checkpoint.as_directory() as directory:
-            outcome = train_and_evaluate(config, data, sink, Path(directory), evaluate_test)
+    # Set by the trainable's restore where Tune's named checkpoint was gone from storage.
+    note = RESTORE_NOTES.pop(tune.get_context().get_trial_id(), None)
+    with contextlib.ExitStack() as stack:
+        # Downloaded one at a time, only as far as they are needed.
+        local = (
+            Path(stack.enter_context(checkpoint.as_directory()))
+            for checkpoint in restore_order(tune.get_checkpoint(), recorded, read_state)
+        )
+        outcome = train_and_evaluate(config, data, sink, local, evaluate_test, warning=note)
     if outcome.status == "diverged":
         epoch = (outcome.history[-1]["epoch"] if outcome.history else 0) + 1
         sink.report({"epoch": epoch, METRIC: 0.0, "diverged": outcome.message}, None)

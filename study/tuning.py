@@ -6,6 +6,7 @@ store; it never imports TensorFlow, so it never touches a GPU. Results go to
 Ray's experiment state (trial folders with checkpoints), from which `--resume` continues.
 """
 
+import contextlib
 import math
 import os
 import socket
@@ -179,12 +180,107 @@ def check_cluster(options: StudyOptions, per_trial: dict) -> None:
         )
 
 
-def trial_function(params, data, base=None):
+# Trial id -> why the trial did not restore from the checkpoint Tune named; set in the
+# trial's worker by `resilient`'s restore, read there by the trial (study/trainable.py).
+RESTORE_NOTES: dict[str, str] = {}
+
+
+def _siblings(checkpoint) -> tuple[list, list]:
+    """The checkpoints beside `checkpoint` in its trial's folder: newer, then older than it,
+    each newest first."""
+    import pyarrow.fs
+    from ray import tune
+
+    folder, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    found = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
+    names = sorted(
+        (info.base_name for info in found if info.base_name.startswith("checkpoint_")
+         and info.type == pyarrow.fs.FileType.Directory and info.base_name != name),
+        reverse=True,
+    )  # fmt: skip
+
+    def checkpoints(chosen):
+        return [tune.Checkpoint(f"{folder}/{each}", checkpoint.filesystem) for each in chosen]
+
+    return checkpoints(n for n in names if n > name), checkpoints(n for n in names if n < name)
+
+
+def restore_order(named, recorded: int | None, read_state) -> list:
+    """Where a restored trial tries to continue from, in turn: the newest checkpoint in its
+    folder whose epoch the study has recorded (`recorded`: the last epoch in epochs.csv
+    when the study resumed), if newer than the one Tune named; then the named one; then
+    older ones (the named one may be unreadable). Tune saves its state every few seconds,
+    so it may name a checkpoint older than the last epoch the study recorded: continuing
+    from that epoch's checkpoint runs no epoch twice and skips none. `read_state` reads a
+    local checkpoint's state.json."""
+    if named is None:
+        return []
+    newer, older = _siblings(named)
+    for checkpoint in newer if recorded else []:
+        with contextlib.suppress(Exception), checkpoint.as_directory() as directory:
+            if read_state(directory)["epoch"] <= recorded:
+                return [checkpoint, named, *older]
+    return [named, *older]
+
+
+def recorded_epochs(results_dir: Path) -> dict[str, int]:
+    """The last epoch the study recorded for each trial (its epochs.csv)."""
+    import pandas as pd
+
+    path = Path(results_dir) / "epochs.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return {}
+    epochs = pd.read_csv(path, dtype={"trial_id": str})
+    return {k: int(v) for k, v in epochs.groupby("trial_id").epoch.max().items()}
+
+
+def resilient(function):
+    """Tune's trainable class for `function`, except that a checkpoint which Tune's saved
+    state names and which is gone from storage does not fail the trial: it restores from
+    the newest checkpoint still in the trial's folder, or starts from scratch, warned.
+
+    Tune deletes a trial's oldest checkpoint (beyond `num_to_keep`) when it registers a new
+    one and writes its own state only later, so a driver killed in between leaves a state
+    that names a deleted checkpoint; storage can lose files too. Ray's own restore then
+    raises before the trial starts, on every retry, and the trial ends as an error.
+    """
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune.trainable import wrap_function
+
+    class Resilient(wrap_function(function)):
+        def restore(self, checkpoint_path):
+            try:
+                return super().restore(checkpoint_path)
+            except ValueError as error:
+                if "does not exist on storage" not in str(error):
+                    raise
+                named = checkpoint_path.checkpoint
+            standing = _siblings(named)[1]  # Its older ones: the newer are not Tune's.
+            where = standing[0].path if standing else "nothing: restarted from scratch"
+            note = f"checkpoint {named.path} is gone from storage; restored from {where}"
+            print(f"warning: {note}", file=sys.stderr)
+            # This class travels to the worker by value, with copies of its globals: the
+            # trial reads the notes of the module as imported there.
+            from study import tuning
+
+            tuning.RESTORE_NOTES[self.trial_id] = note
+            if standing:
+                return super().restore(_TrainingResult(checkpoint=standing[0], metrics={}))
+
+    Resilient.__name__ = Resilient.__qualname__ = function.__name__  # Tune's name for it.
+    return Resilient
+
+
+def trial_function(params, data, base=None, recorded=None):
     """What each trial runs, in its Ray worker (where TensorFlow is imported): its values
-    (`params`, Tune's config) laid over the study's base config."""
+    (`params`, Tune's config) laid over the study's base config. `recorded`: the last epoch
+    of each trial in epochs.csv when the study resumed."""
+    from ray import tune
+
     from study.trainable import tune_trainable
 
-    tune_trainable(params, data, base)
+    epoch = (recorded or {}).get(tune.get_context().get_trial_id())
+    tune_trainable(params, data, base, recorded=epoch)
 
 
 def param_space(study: StudyConfig) -> dict:
@@ -209,9 +305,9 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
 
     per_trial, concurrent = resources(study, options)
     base = study.trial.to_dict()
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_function, data=data, base=base), per_trial
-    )
+    recorded = recorded_epochs(options.results_dir) if options.resume else {}
+    trainable = tune.with_parameters(trial_function, data=data, base=base, recorded=recorded)
+    trainable = tune.with_resources(resilient(trainable), per_trial)
     recorder = StudyRecorder(options.results_dir, study.trial.training.epochs, base)
     if options.resume:
         return tune.Tuner.restore(

@@ -78,7 +78,9 @@ def cifar10_tarball(tmp_path_factory) -> Path:
 TINY_STUDY = {
     "data": {"dataset": "cifar10", "train_subset": 200, "test_subset": 50, "validation_size": 50},
     "model": {"width": 0.0625},
-    "training": {"epochs": 4, "batch_size": 50, "eval_batch_size": 100},
+    # A checkpoint every epoch, whatever the default cadence: the fault and resume tests
+    # count on it.
+    "training": {"epochs": 4, "batch_size": 50, "eval_batch_size": 100, "checkpoint_every": 1},
     "search": {
         "num_samples": 6,
         "grace_period": 1,

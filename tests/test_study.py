@@ -3,9 +3,11 @@
 Slow (each starts Ray): about a minute per study on 2 cores.
 """
 
+import contextlib
+import json
 import os
+import shutil
 import signal
-import sys
 
 import optuna
 import pandas as pd
@@ -205,15 +207,55 @@ def test_two_node_cluster_runs_trials_on_both(
     assert trials.node_id.nunique() == 2
 
 
-def test_interrupted_then_killed_study_resumes_without_losing_or_repeating_work(
+def _saved_state(folder) -> dict:
+    """Tune's saved experiment state, per trial: (status, last epoch, its checkpoint)."""
+    found = sorted(folder.glob("experiment_state-*.json"))
+    if not found:
+        return {}
+    try:
+        state = json.loads(found[-1].read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}  # Being replaced: read it again.
+    trials = {}
+    for trial, metadata in state["trial_data"]:
+        trial, result = json.loads(trial), json.loads(metadata)["last_result"]
+        trials[trial["trial_id"]] = (
+            trial["status"],
+            result.get("epoch"),
+            result.get("checkpoint_dir_name"),
+        )
+    return trials
+
+
+def _freeze_and_snapshot(folder, stopped: set) -> bool:
+    """Stops (SIGSTOP) every running trial's worker, then says whether Tune's saved state
+    has caught up with each: its last epoch there is the one trials.csv has."""
+    trials = read_trials(folder)
+    running = trials[trials.status == "running"]
+    for pid in set(running.pid.dropna().astype(int)) - stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+        stopped.add(pid)
+    state = _saved_state(folder)
+    return all(
+        trial.trial_id in state and state[trial.trial_id][1] == trial.epochs_run
+        for trial in running.itertuples()
+    )
+
+
+def test_interrupted_then_killed_study_resumes_exactly(
     tmp_path, study_config, cifar10_tarball, ray_env
 ):
+    """Ctrl-C, then a resume that is SIGKILLed with a checkpoint then lost, then a resume.
+
+    The kill is made deterministic: the trials' workers are stopped, Tune's saved state is
+    awaited until it holds every reported epoch, then the driver and the workers are killed.
+    So every trial ends with epochs 1..6 exactly once, and nothing reruns, except the one
+    trial whose named checkpoint is then deleted: it falls back to its previous checkpoint
+    (epoch 1 still once) and runs again, marked rerun, the epochs after it."""
     config = study_config(num_samples=5, scheduler="fifo")
     folder = tmp_path / "killed"
-    resume = [
-        sys.executable, "-m", "study.run", "--resume", "--name", "killed",
-        "--storage-path", str(tmp_path), "--no-dashboard",
-    ]  # fmt: skip
+    resume = ["--resume", "--name", "killed", "--storage-path", tmp_path, "--no-dashboard"]
 
     # Ctrl-C (SIGINT to the driver's process group): a clean stop that says how to resume.
     log = tmp_path / "interrupted.log"
@@ -231,50 +273,62 @@ def test_interrupted_then_killed_study_resumes_without_losing_or_repeating_work(
                 os.killpg(driver.pid, signal.SIGKILL)
     command = f"python -m study.run --resume --name killed --storage-path {tmp_path}"
     assert f"interrupted; continue with: {command}" in log.read_text()
-    epochs_interrupted = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
-    assert len(epochs_interrupted) >= 1
 
-    # Resumed, then SIGKILLed: no chance to clean up at all.
-    driver = start_cli(*resume[2:], env=ray_env)
+    # Resumed, then killed once a trial has finished and another is past epoch 2.
+    driver = start_cli("study.run", *resume, env=ray_env)
+    stopped: set[int] = set()
     try:
         wait_for(
             lambda: (
                 ((t := read_trials(folder)).status == "completed").sum() >= 1
                 and ((t.status == "running") & (t.epochs_run >= 2)).any()
-            )
+            ),
+            interval=0.2,
         )
-        before = read_trials(folder)
-        epochs_before = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=60)
+        wait_for(lambda: _freeze_and_snapshot(folder, stopped), timeout=120, interval=0.5)
+        os.killpg(driver.pid, signal.SIGKILL)
+        for pid in stopped:  # As a machine that went down takes its trials with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+    before = read_trials(folder)
+    epochs_before = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
+    # Lose the checkpoint that Tune's state names for one running trial (it has an older one).
+    running = before[(before.status == "running") & (before.epochs_run >= 2)]
+    victim = running.iloc[0]
+    named = _saved_state(folder)[victim.trial_id][2]
+    shutil.rmtree(folder / f"trial_{victim.trial_id}" / named)
 
-    result = run_cli(*resume[2:], env=ray_env, timeout=600)
+    result = run_cli("study.run", *resume, env=ray_env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "only resume studies from folders you trust" in result.stderr
-    after = read_trials(folder)
+    after = read_trials(folder).set_index("trial_id")
     epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
     assert len(after) == 5 and set(after.status) == {"completed"}
     # Nothing reported before the interruption or the kill was lost.
-    for earlier in (epochs_interrupted, epochs_before):
-        kept = epochs.merge(earlier, on=["trial_id", "epoch", "rerun"], how="inner")
-        assert len(kept) == len(earlier)
-    # Finished trials keep their six epochs. Tune saves its own state every few seconds, so
-    # a trial that finished just before the SIGKILL may run its last epochs again, from its
-    # last checkpoint that Tune knew of; those rows are flagged rerun = 1, never epoch 1.
-    for trial_id in before.loc[before.status == "completed", "trial_id"]:
-        rows = epochs[epochs.trial_id == trial_id]
-        assert sorted(rows[rows.rerun == 0].epoch) == list(range(1, 7))
-        assert (rows.epoch == 1).sum() == 1
-    # Interrupted trials went on from their checkpoint, not from epoch 1.
-    for trial_id in before.loc[before.status == "running", "trial_id"]:
-        rows = epochs[epochs.trial_id == trial_id]
-        assert (rows.epoch == 1).sum() == 1
-        assert sorted(set(rows.epoch)) == list(range(1, 7))
-        reruns = rows[rows.rerun == 1]
-        assert len(reruns) <= 1  # At most the epoch after the last checkpoint Ray kept.
+    kept = epochs.merge(epochs_before, on=["trial_id", "epoch", "rerun"], how="inner")
+    assert len(kept) == len(epochs_before)
+    for trial_id, rows in epochs.groupby("trial_id"):
+        assert sorted(rows[rows.rerun == 0].epoch) == list(range(1, 7)), trial_id
+        if trial_id != victim.trial_id:
+            assert (rows.rerun == 0).all(), trial_id  # Exactly once each: nothing ran again.
+    # The victim went on from its previous checkpoint: the epoch after it ran again.
+    rows = epochs[epochs.trial_id == victim.trial_id]
+    assert (rows.epoch == 1).sum() == 1
+    assert sorted(rows[rows.rerun == 1].epoch) == [victim.epochs_run]
+    assert "is gone from storage; restored from" in after.loc[victim.trial_id, "warning"]
+    # Still a stratified study: each loss its share, each with its own Optuna record.
+    assert sorted(after["loss.name"].value_counts()) == [1, 2, 2]
+    storage = f"sqlite:///{folder}/optuna.db"
+    stored = [
+        trial
+        for name in optuna.study.get_all_study_names(storage)
+        for trial in optuna.load_study(study_name=name, storage=storage).trials
+    ]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in stored) == sorted(after.index)
+    assert {t.state.name for t in stored} == {"COMPLETE"}
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 from study import data as data_lib
 from study.config import load_config
 from study.local import run_local
+from study.losses import LOSSES
 from study.trainable import compile_model, restore_checkpoint, save_checkpoint, train_and_evaluate
 
 from .conftest import run_cli, shared_sample
@@ -260,3 +261,51 @@ def test_learns_real_cifar10_images(tmp_path):
     summary = run_local(config, data, tmp_path / "real", echo=print)
     assert summary["status"] == "completed" and summary["epochs_run"] == 15
     assert summary["test"]["test_accuracy"] > 0.35
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_trains_well_above_chance(name, cifar10):
+    """Each loss, with its own head and targets, learns the 10 synthetic classes (chance
+    is 0.1) in a few epochs: a loss wired to the wrong head or targets would not."""
+    config = load_config(None, [*TINY, "data.validation_size=100", "training.epochs=4",
+                                f"loss.name={name}"])  # fmt: skip
+    sink = RecordingSink()
+    outcome = train_and_evaluate(config, cifar10, sink, evaluate_test=False)
+    assert outcome.status == "completed"
+    assert max(metrics["val_accuracy"] for metrics, _ in sink.reports) >= 0.5
+
+
+def test_an_unreadable_checkpoint_falls_back_to_an_older_one(tmp_path, cifar10, capfd):
+    """Given the trial's checkpoints newest first, the first that loads is used: the epochs
+    after it run again; only when none loads does the trial start from scratch."""
+    config = load_config(None, [*TINY, "training.epochs=4"])
+    first = RecordingSink()
+    train_and_evaluate(config, cifar10, first)
+    second, third = first.reports[1][1], first.reports[2][1]  # After epochs 2 and 3.
+    (third / "model.keras").write_bytes((third / "model.keras").read_bytes()[:1000])
+    again = RecordingSink()
+    outcome = train_and_evaluate(config, cifar10, again, [third, second])
+    assert outcome.status == "completed"
+    reports = [metrics for metrics, _ in again.reports]
+    assert [metrics["epoch"] for metrics in reports] == [3, 4]  # From epoch 2's checkpoint.
+    assert reports[0]["warning"].startswith(f"checkpoint {third} unreadable (")
+    assert reports[0]["warning"].endswith("; continued from epoch 2")
+    assert "warning: checkpoint" in capfd.readouterr().err
+
+
+def test_a_checkpoint_of_the_last_epoch_reports_it_and_trains_nothing(cifar10, capfd):
+    """A trial whose driver died after its last epoch, restored: it reports that epoch
+    again, marked replayed (the study records it once), and does not train again."""
+    config = load_config(None, [*TINY, "training.epochs=2"])
+    first = RecordingSink()
+    train_and_evaluate(config, cifar10, first, evaluate_test=False)
+    last_metrics, last = first.reports[-1]
+    again = RecordingSink()
+    outcome = train_and_evaluate(config, cifar10, again, last, evaluate_test=True)
+    assert outcome.status == "completed"
+    assert "checkpoint holds the last epoch (2): nothing to train" in capfd.readouterr().out
+    [(replayed, checkpoint)] = again.reports
+    assert checkpoint is None and replayed.pop("replayed") is True
+    assert replayed.pop("test_accuracy") > 0.5 and "test_loss" in replayed  # Asked for.
+    replayed.pop("test_loss")
+    assert replayed == last_metrics  # The epoch as it was reported, not a new one.
