@@ -17,23 +17,27 @@ LEVEL = 0.95
 
 
 def mean_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
-    """The mean and its two-sided t interval; the interval is NaN with fewer than 2 values."""
+    """The mean and its two-sided t interval. The interval is NaN (undefined) with fewer
+    than 2 values, and with no spread at all: identical values (runs that ignored their
+    seed, or a saturated metric) give no estimate of the spread, and a zero-width interval
+    would claim a certainty that they do not show."""
     values = np.asarray(values, dtype=float)
     mean = float(values.mean()) if len(values) else math.nan
     if len(values) < 2:
         return mean, math.nan, math.nan
+    if np.all(values == values[0]):
+        return mean, math.nan, math.nan
     sem = values.std(ddof=1) / math.sqrt(len(values))
-    if sem == 0:
-        return mean, mean, mean
     low, high = stats.t.interval(level, len(values) - 1, loc=mean, scale=sem)
     return mean, float(low), float(high)
 
 
 def welch_difference(a, b, level: float = LEVEL) -> tuple[float, float, float, float]:
-    """mean(a) - mean(b), its Welch interval and two-sided p-value (NaN if either has < 2)."""
+    """mean(a) - mean(b), its Welch interval and two-sided p-value; NaN where either side
+    has fewer than 2 values or no spread (its variance, and so the interval, unknown)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     difference = float(a.mean() - b.mean())
-    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
+    if min(len(a), len(b)) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
         return difference, math.nan, math.nan, math.nan
     test = stats.ttest_ind(a, b, equal_var=False)
     low, high = test.confidence_interval(level)

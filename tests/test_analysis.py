@@ -70,8 +70,20 @@ def test_report_writes_every_figure_and_embeds_it(study_folder, tmp_path):
     assert "COMPLETE trials, which ran the full budget" in text
     assert "No confirmation yet" in text and "confirmation.png" not in text
     assert "mean_test_accuracy" not in leaderboard(load(study_folder))
+    # Per-class accuracy, against the trial's own record: over the 50 validation images it
+    # is the accuracy the report prints, which the trial reported for that checkpoint.
     per_class = pd.read_csv(tmp_path / "per_class_accuracy.csv")
-    assert len(per_class) == 10 and per_class.accuracy.between(0, 1).all()
+    assert len(per_class) == 10 and per_class.images.sum() == 50
+    overall = (per_class.accuracy * per_class.images).sum() / 50
+    found = re.search(
+        r"From `(trial_(\w+)/checkpoint_\d+)/model.keras`: validation accuracy ([0-9.]+) on 50",
+        text,
+    )
+    assert float(found[3]) == pytest.approx(overall, abs=5e-5)
+    epoch = json.loads((study_folder / found[1] / "state.json").read_text())["epoch"]
+    epochs = pd.read_csv(study_folder / "epochs.csv", dtype={"trial_id": str})
+    reported = epochs[(epochs.trial_id == found[2]) & (epochs.epoch == epoch)].val_accuracy
+    assert overall == pytest.approx(reported.iloc[-1], abs=1e-6)
 
 
 def test_leaderboard_numbers_come_from_trials_csv(study_folder):

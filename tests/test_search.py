@@ -317,6 +317,14 @@ def test_the_driver_never_imports_tensorflow():
 
 
 def test_conditional_keys_are_checked_under_their_condition():
-    # The base loss is hinge, but label smoothing is only sampled with CE or focal.
+    """With hinge as the base loss, label smoothing is still accepted in the space: it is
+    only sampled beside cross-entropy or focal (its `when`). The same range without that
+    condition is refused, since it would pair smoothing with hinge."""
     study = load_study(DEFAULT, ["loss.name=hinge"])
-    assert study.trial.loss.name == "hinge"
+    for params in _sample(study.search, count=50):
+        config = from_params(params, study.trial.to_dict())
+        if params["loss.name"] not in ("categorical_crossentropy", "focal"):
+            assert config.loss.label_smoothing == 0.0
+    unconditional = "search.space.loss.label_smoothing={uniform: [0.0, 0.2]}"
+    with pytest.raises(ConfigError, match="label_smoothing > 0 is not defined for loss 'hinge'"):
+        load_study(DEFAULT, ["loss.name=hinge", unconditional])
