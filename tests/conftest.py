@@ -22,6 +22,36 @@ from study import synthetic  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+pytest_plugins = ["pytester"]  # For the test of the skip rule below.
+
+# With STUDY_NO_SKIPS=1 (set by .ci/run) a skipped test fails the run, unless its reason
+# holds one of these: CI installs every package the tests need and has ../shared/data, so
+# a skip there means a test silently did not run.
+ALLOWED_SKIPS = {
+    "needs an NVIDIA GPU": "CI machines have none; .ci/gpu-bench runs where one is lent",
+}
+_unexpected_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if not report.skipped or os.environ.get("STUDY_NO_SKIPS") != "1":
+        return
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not any(allowed in reason for allowed in ALLOWED_SKIPS):
+        _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unexpected_skips:
+        terminalreporter.section("skipped, and not on the allowed list (STUDY_NO_SKIPS=1)")
+        for line in _unexpected_skips:
+            terminalreporter.line(line)
+
 
 def run_cli(module: str, *args, env=None, timeout=900) -> subprocess.CompletedProcess:
     """Runs `python -m MODULE ARGS` from the repository root, as a user would."""
