@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -165,18 +164,26 @@ def test_a_dead_worker_node_moves_its_trials_to_the_survivor(
     folder = tmp_path / "node"
     marker = b"STUDY_TEST_NODE=second\0"
 
+    victims = []
+
     def on_second_node():
+        """A trial mid-run on the second node, its worker stopped (SIGSTOP) so that it is
+        still the one there, mid-epoch, when the node dies."""
         trial = _running(folder)
         if trial is None:
             return False
         try:
-            return marker in Path(f"/proc/{int(trial.pid)}/environ").read_bytes()
+            if marker not in Path(f"/proc/{int(trial.pid)}/environ").read_bytes():
+                return False
+            os.kill(int(trial.pid), signal.SIGSTOP)
         except OSError:
             return False
+        victims.append(trial)
+        return True
 
     try:
         wait_for(on_second_node, timeout=300, interval=0.2)
-        victim = _running(folder)
+        victim = victims[0]
         assert kill_marked("STUDY_TEST_NODE", "second") > 0  # The node's raylet and workers.
         stdout, stderr = driver.communicate(timeout=600)
     finally:
@@ -203,17 +210,21 @@ def test_results_files_survive_a_kill_mid_write(tmp_path):
         "for n in range(10**9):\n"
         "    results.write_csv(sys.argv[1], [dict(r, n=n) for r in rows])\n"
     )
-    for delay in (0.3, 0.45, 0.6, 0.75, 0.9):
+
+    def writing() -> bool:
+        """A whole table is there, and the next one is being written beside it."""
+        return path.exists() and any(tmp_path.glob(".trials.csv.*"))
+
+    for _ in range(5):
         process = subprocess.Popen([sys.executable, "-c", writer, str(path)], cwd=REPO)
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        if not path.exists():
-            continue  # Killed before its first rename: no table yet, and no half one.
+        try:
+            wait_for(writing, timeout=60, interval=0.001)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
         table = pd.read_csv(path)
         assert len(table) == 5000 and table.n.nunique() == 1
         assert table.value.str.len().eq(200).all()
-    assert path.exists(), "never got past the first write: lengthen the delays"
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "trials.csv"]
     # A kill between write and rename may leave a hidden temporary file; never a table.
     assert all(name.startswith(".trials.csv.") for name in leftovers)
