@@ -9,6 +9,7 @@ test set, which nothing before has touched. Results go beside the study's own fi
 """
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import pandas as pd
 
 from study import data as data_lib
 from study import results, stats
-from study.config import METRIC, MODE, ConfigError, config_values, from_params, validate
+from study.config import METRIC, MODE, ConfigError, config_values, flatten, from_params, validate
+from study.console import RAY_NOISE, native_stderr_filtered
 from study.search_config import StudyConfig, load_study
 from study.tuning import (
     CONFIG_FILE,
@@ -24,10 +26,12 @@ from study.tuning import (
     check_cluster,
     check_options,
     connect,
+    failed_trials,
     recorded_epochs,
     resilient,
     resources,
     resume_command,
+    run_config,
 )
 
 CONFIRM_DIR = "confirm"
@@ -109,6 +113,14 @@ def confirm_function(params, data, recorded=None):
     raw = {**params["candidate"]["config"], "seed": params["seed"]}
     epoch = (recorded or {}).get(tune.get_context().get_trial_id())
     run_tune_trial(validate(raw), data, evaluate_test=True, recorded=epoch)
+
+
+def confirm_params(trial) -> dict:
+    """What a confirmation run trained with (for TensorBoard and the trackers): its
+    candidate's config, dotted, with the run's seed, and the study trial it repeats."""
+    candidate = trial.config["candidate"]
+    config = {**flatten(candidate["config"]), "seed": trial.config["seed"]}
+    return {**config, "config_id": candidate["config_id"]}
 
 
 def _recorder_class():
@@ -259,6 +271,9 @@ def format_summary(table: pd.DataFrame, differences: pd.DataFrame, key="loss.nam
 
 def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
     """Runs (or resumes) the confirmation of the finished study `options.name`."""
+    from study.trackers import check_trackers
+
+    started = time.monotonic()
     check_options(options)
     if seeds < 2:
         raise ConfigError(f"--seeds: {seeds}; at least 2 for a confidence interval")
@@ -274,24 +289,29 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
     if not options.resume and confirm_dir.exists():
         raise ConfigError(f"--confirm: {confirm_dir} exists; add --resume to continue it")
     candidates, notes = select(study, results_dir, top_per_loss)
+    group = f"{options.name}-{CONFIRM_DIR}"
+    settings = check_trackers(options.loggers, results_dir, options.name, group)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     config = study.trial.data
     data_lib.resolve_path(config.dataset, config.data_dir)
     data = data_lib.load_cifar(config.dataset, config.data_dir, config.label_mode)
     per_trial, _ = resources(study, options)
-    connect(options)
-    import ray
+    with native_stderr_filtered(RAY_NOISE):
+        connect(options)
+        import ray
 
-    try:
-        check_cluster(options, per_trial)
-        tuner = _tuner(study, options, data, candidates, list(range(1, seeds + 1)), per_trial)
-        print(f"confirming {len(candidates)} configurations x {seeds} seeds in {confirm_dir}")
-        grid = tuner.fit()
-    finally:
-        ray.shutdown()
-    if grid.num_terminated + grid.num_errors < len(candidates) * seeds:
-        command = resume_command(options, "--confirm")
+        try:
+            check_cluster(options, per_trial)
+            _this_run(study, options, len(candidates) * seeds, settings, started)
+            tuner = _tuner(study, options, data, candidates, list(range(1, seeds + 1)), per_trial)
+            print(f"confirming {len(candidates)} configurations x {seeds} seeds in {confirm_dir}")
+            grid = tuner.fit()
+        finally:
+            ray.shutdown()
+    done = grid.num_terminated + grid.num_errors >= len(candidates) * seeds
+    command = resume_command(options, "--confirm")
+    if not done:
         print(f"interrupted; continue with: {command}", file=sys.stderr)
         return 130
     key = compared(study)[0]
@@ -300,8 +320,21 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
     print("\n" + format_summary(*tables, key))
     for note in notes:  # Again, under the table: what the comparison leaves out.
         print(f"note: {note}")
+    for line in failed_trials(confirm_dir):
+        print(line)
+    for line in settings.lines(f"{options.experiment_path}/{CONFIRM_DIR}"):
+        print(line)
     print(f"results: {results_dir / CONFIRM_FILE}")
     return 0
+
+
+def _this_run(study: StudyConfig, options: StudyOptions, total: int, settings, started) -> None:
+    """This run's callbacks (study/callbacks.py): progress and trackers."""
+    from study.callbacks import Progress, ThisRun, tracker_loggers
+
+    key, folder = compared(study)[0], options.results_dir / CONFIRM_DIR
+    progress = Progress(folder, total, study.trial.training.epochs, key, False, started)
+    ThisRun.callbacks = [progress, *tracker_loggers(settings, confirm_params)]
 
 
 def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, per_trial):
@@ -335,10 +368,11 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, p
             trial_name_creator=trial_dirname,
             reuse_actors=False,
         ),
-        run_config=tune.RunConfig(
-            name=CONFIRM_DIR,
-            storage_path=storage,
-            callbacks=[recorder],
+        run_config=run_config(
+            CONFIRM_DIR,
+            storage,
+            recorder,
+            confirm_params,
             failure_config=tune.FailureConfig(max_failures=study.search.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=study.search.keep_checkpoints),
             progress_reporter=tune.CLIReporter(
@@ -351,6 +385,5 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, p
                 max_report_frequency=30,
                 max_column_length=32,
             ),
-            verbose=1,
         ),
     )

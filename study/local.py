@@ -1,7 +1,9 @@
 """Local single-trial mode: one trial in this process, no Ray, results in a run folder.
 
 The folder holds `config.yaml` (the resolved config), `epochs.csv` (one row per epoch),
-`result.json` (how it ended, best and final metrics, test metrics) and `model.keras`.
+`result.json` (how it ended, best and final metrics, test metrics), `model.keras`, and
+TensorBoard's event files (each epoch's metrics, the config as hyper-parameters); with
+--logger, the run is also an MLflow or W&B run (study/trackers.py).
 """
 
 import os
@@ -10,19 +12,22 @@ import time
 from pathlib import Path
 
 from study import results
-from study.config import METRIC, TrialConfig, dump_yaml
+from study.config import METRIC, TrialConfig, dump_yaml, flatten
 from study.data import CifarData
+from study.trackers import LocalTrackers, Trackers
 from study.trainable import MODEL_FILE, Outcome, train_and_evaluate
 
 
 class LocalSink:
-    """Writes each epoch to epochs.csv, keeps the latest model, prints a progress line."""
+    """Writes each epoch to epochs.csv and to the run's trackers, keeps the latest model,
+    prints a progress line."""
 
-    def __init__(self, run_dir: Path, epochs: int, echo=print):
+    def __init__(self, run_dir: Path, epochs: int, echo=print, trackers=None):
         self.run_dir = run_dir
         self.epochs = epochs
         self.rows: list[dict] = []
         self.echo = echo
+        self.trackers = trackers
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
         self.rows.append(metrics)
@@ -30,6 +35,8 @@ class LocalSink:
         if checkpoint:
             os.replace(checkpoint / MODEL_FILE, self.run_dir / MODEL_FILE)
             shutil.rmtree(checkpoint.parent, ignore_errors=True)
+        if self.trackers:
+            self.trackers.epoch(metrics)
         self.echo(progress_line(metrics, self.epochs))
 
 
@@ -61,12 +68,24 @@ def summarise(outcome: Outcome, seconds: float) -> dict:
     }
 
 
-def run_local(config: TrialConfig, data: CifarData, run_dir: Path, echo=print) -> dict:
-    """Trains one trial into `run_dir` (which must not exist yet); returns result.json."""
+def run_local(
+    config: TrialConfig, data: CifarData, run_dir: Path, echo=print, trackers: Trackers = None
+) -> dict:
+    """Trains one trial into `run_dir` (which must not exist yet), logging it to TensorBoard
+    and `trackers` (study.trackers.check_trackers); returns result.json."""
     run_dir.mkdir(parents=True)
     results.write_text(run_dir / "config.yaml", dump_yaml(config))
+    tracked = LocalTrackers(
+        trackers or Trackers(folder=run_dir), run_dir.name, flatten(config.to_dict())
+    )
+    sink = LocalSink(run_dir, config.training.epochs, echo, tracked)
     started = time.perf_counter()
-    outcome = train_and_evaluate(config, data, LocalSink(run_dir, config.training.epochs, echo))
+    try:
+        outcome = train_and_evaluate(config, data, sink)
+    except BaseException:
+        tracked.close("error")
+        raise
     summary = summarise(outcome, time.perf_counter() - started)
     results.write_json(run_dir / "result.json", summary)
+    tracked.close(outcome.status)
     return summary

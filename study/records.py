@@ -7,6 +7,7 @@ nothing already reported, and both are read back when a study resumes. An epoch 
 trial runs again after restoring an older checkpoint gets a new row with `rerun` = 1.
 """
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -31,6 +32,22 @@ EPOCH_COLUMNS = (
     "test_accuracy",
 )
 PLACEMENT = ("node_id", "node_ip", "hostname", "pid", "gpu_ids")
+
+
+def error_file(trial) -> str:
+    """Where a failed trial's traceback lies in the study's folder: Ray writes error.txt
+    into the driver's staging copy of the trial's folder, then copies it to storage."""
+    return str(Path(trial.path, Path(trial.error_file).name)) if trial.error_file else ""
+
+
+def error_reason(trial) -> str:
+    """Why a trial failed, in a few words: the last line of its traceback (the exception),
+    its first sentence if long, from the driver's copy of error.txt."""
+    with contextlib.suppress(OSError, TypeError):
+        lines = Path(trial.error_file).read_text().strip().splitlines()
+        reason = lines[-1].strip() if lines else ""
+        return reason if len(reason) <= 120 else reason.split(". ")[0][:120]
+    return ""
 
 
 def _read(path: Path) -> list[dict]:
@@ -134,5 +151,5 @@ class StudyRecorder(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         row = self._row(trial)
         row.update(status="error", ended_at=time.time())
-        row["message"] = str(getattr(trial, "error_file", "") or "")
+        row["message"] = f"{error_reason(trial)} (traceback: {error_file(trial)})"
         self._save()

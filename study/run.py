@@ -4,6 +4,7 @@ Arguments are parsed and checked here, before Ray or TensorFlow start; the work 
 library functions that tests call directly. Exit codes: 0 done, 2 bad input (one line on
 stderr), 3 the local trial diverged, 130 the study was interrupted (resume it).
 `--confirm --name NAME` re-trains a finished study's best configurations over seeds.
+`--logger mlflow|wandb` (repeatable) logs every run to those trackers as well.
 """
 
 import argparse
@@ -64,6 +65,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--storage-path", type=Path, default=Path("results"), help="where run folders go"
     )
     parser.add_argument("--name", help="the run folder's name (default: config name and time)")
+    parser.add_argument(
+        "--logger",
+        dest="loggers",
+        action="append",
+        default=[],
+        choices=["mlflow", "wandb"],
+        help="also log every run to MLflow or W&B (repeatable; TensorBoard files always)",
+    )
     study = parser.add_argument_group("study (without --local)")
     study.add_argument("--gpus", type=_resource_count, default=0, help="GPUs the study may use")
     study.add_argument(
@@ -122,6 +131,7 @@ def _options(args, name: str):
         resume=args.resume,
         dashboard_host=args.dashboard_host,
         dashboard=not args.no_dashboard,
+        loggers=tuple(args.loggers),
     )
 
 
@@ -129,13 +139,9 @@ def run_study_command(args) -> int:
     from study.tuning import run_study
 
     overrides = list(args.overrides)
-    for flag, key in (
-        ("searcher", "searcher"),
-        ("scheduler", "scheduler"),
-        ("num_samples", "num_samples"),
-    ):
+    for flag in ("searcher", "scheduler", "num_samples"):
         if getattr(args, flag) is not None:
-            overrides.append(f"search.{key}={getattr(args, flag)}")
+            overrides.append(f"search.{flag}={getattr(args, flag)}")
     if args.resume and (args.config or overrides or args.data_dir):
         raise ConfigError("--resume: continues with the study's saved config; drop --config/--set")
     study = load_study(args.config, overrides, _values(args))
@@ -158,22 +164,29 @@ def run_confirm_command(args) -> int:
 
 def run_local_command(args) -> int:
     from study import data as data_lib
+    from study.trackers import check_trackers
 
     config = load_study(args.config, args.overrides, _values(args), check_space=False).trial
     data_lib.resolve_path(config.data.dataset, config.data.data_dir)
     run_dir = _run_dir(args)
+    trackers = check_trackers(args.loggers, run_dir, run_dir.name)
 
     data = data_lib.load_cifar(config.data.dataset, config.data.data_dir, config.data.label_mode)
     data_lib.split(data, config.data, seed=config.data.split_seed)  # Sizes checked up front.
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's start-up quiet.
-    from study.local import run_local
+    from study.console import native_stderr_filtered
 
-    print(f"run folder: {run_dir}")
-    summary = run_local(config, data, run_dir)
+    print(f"run folder: {run_dir}", flush=True)
+    with native_stderr_filtered():  # What TensorFlow's native code says as it loads.
+        from study.local import run_local
+
+        summary = run_local(config, data, run_dir, trackers=trackers)
     print(
         f"{summary['status']}: wrote config.yaml, epochs.csv, result.json, model.keras to {run_dir}"
     )
+    for line in trackers.lines():
+        print(line)
     if summary["status"] == "diverged":
         print(f"diverged: {summary['message']}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -39,6 +39,7 @@ RANKABLE_METRICS = (METRIC,)
 
 
 OPTUNA_FILE = "optuna.db"  # The study's Optuna record, beside its tables.
+CONFIG_FILE = "config.yaml"  # The study's resolved config: trial sections and search.
 
 # Data-parallel training is not built: a trial given two GPUs would train on one.
 ONE_GPU = "a trial trains on one GPU, so at most 1 (fractions such as 0.25 pack trials on a GPU)"

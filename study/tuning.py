@@ -11,20 +11,23 @@ import math
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from study import console, results
 from study import data as data_lib
-from study import results
 from study.config import MODE, ConfigError, flatten
-from study.search_config import ONE_GPU, StudyConfig, load_study
+from study.search_config import CONFIG_FILE, ONE_GPU, StudyConfig, load_study
 
 # Ray's newer console output ignores a custom reporter; the classic one can be trimmed.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# A failed trial is one line on the console (study/callbacks.py) that names the file
+# holding its traceback, not the traceback itself.
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
 
-CONFIG_FILE = "config.yaml"
 TOKEN_HINT = "log in with the token that `ray get-auth-token` prints (~/.ray/auth_token)"
 
 
@@ -39,6 +42,7 @@ class StudyOptions:
     resume: bool = False
     dashboard_host: str = "127.0.0.1"
     dashboard: bool = True
+    loggers: tuple[str, ...] = ()  # --logger: mlflow, wandb
 
     @property
     def remote_storage(self) -> bool:
@@ -140,15 +144,23 @@ def connect(options: StudyOptions):
         # Ray turns token auth on by itself only for address="auto"; for host:port and
         # ray:// it must be told before it is imported (it caches its config).
         os.environ["RAY_AUTH_MODE"] = "token"
+    if not options.address:
+        # The study's choice for its own Ray, said explicitly: Ray would choose the same
+        # and warn on every start that it did.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import logging
+
     import ray
 
+    from study.console import quiet_libraries
+
+    quiet_libraries()
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if options.address:
-        context = ray.init(address=options.address, log_to_driver=False)
+        context = ray.init(address=options.address, **quiet)
     else:
         context = ray.init(
-            include_dashboard=options.dashboard,
-            dashboard_host=options.dashboard_host,
-            log_to_driver=False,
+            include_dashboard=options.dashboard, dashboard_host=options.dashboard_host, **quiet
         )
     url = getattr(context, "dashboard_url", None)
     if url:
@@ -297,6 +309,45 @@ def param_space(study: StudyConfig) -> dict:
     return fixed
 
 
+def this_run(study: StudyConfig, options: StudyOptions, settings, started=None) -> None:
+    """Sets the callbacks this run of the driver adds (study/callbacks.py): the progress
+    line and the trackers of --logger."""
+    from analysis.results import compared_key
+    from study.callbacks import Progress, ThisRun, tracker_loggers
+
+    search, epochs = study.search, study.trial.training.epochs
+    progress = Progress(
+        options.results_dir, search.trial_count, epochs, compared_key(search),
+        asha=search.scheduler == "asha", started=started,
+    )  # fmt: skip
+    ThisRun.callbacks = [progress, *tracker_loggers(settings)]
+
+
+def run_config(name: str, storage: str, recorder, params=None, **more):
+    """What every Tune run of the project shares: the study's recorder, TensorBoard in each
+    trial's folder, this run's callbacks, and each trial's stdout and stderr in its folder
+    (`log_to_file`; synced there with its checkpoints, so a failed trial's output is there)."""
+    from ray import tune
+
+    from study.callbacks import TensorBoardLogger, ThisRun, tune_params
+
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        callbacks=[recorder, TensorBoardLogger(params or tune_params), ThisRun()],
+        log_to_file=True,
+        sync_config=tune.SyncConfig(sync_artifacts=True),
+        verbose=1,
+        **more,
+    )
+
+
+def storage_path(options: StudyOptions) -> str:
+    if options.remote_storage:
+        return options.storage_path
+    return str(Path(options.storage_path).resolve())
+
+
 def build_tuner(study: StudyConfig, options: StudyOptions, data):
     from ray import tune
 
@@ -336,16 +387,13 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
             # and Tune cannot hand its worker to the next trial until then.
             reuse_actors=False,
         ),
-        run_config=tune.RunConfig(
-            name=options.name,
-            storage_path=str(Path(options.storage_path).resolve())
-            if not options.remote_storage
-            else options.storage_path,
-            callbacks=[recorder],
+        run_config=run_config(
+            options.name,
+            storage_path(options),
+            recorder,
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=search.keep_checkpoints),
             progress_reporter=_reporter(study),
-            verbose=1,
         ),
     )
     return tuner, recorder
@@ -393,14 +441,43 @@ def resume_command(options: StudyOptions, phase: str = "") -> str:
     return " ".join(word for word in words if word)
 
 
+def write_config(study: StudyConfig, results_dir: Path) -> None:
+    raw = {**study.trial.to_dict(), "search": study.search.model_dump(mode="json")}
+    results.write_text(results_dir / CONFIG_FILE, yaml.safe_dump(raw, sort_keys=False))
+
+
+def failed_trials(folder: Path) -> list[str]:
+    """A line for each trial that ended in an error, naming its traceback's file."""
+    import pandas as pd
+
+    path = Path(folder) / "trials.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    trials = pd.read_csv(path, dtype={"trial_id": str})
+    failed = trials[trials.status == "error"]
+    return [f"trial {row.trial_id} ended in an error: {row.message}" for row in failed.itertuples()]
+
+
 def run_study(study: StudyConfig, options: StudyOptions) -> int:
     """Runs (or resumes) a study to the end; returns the process exit code."""
+    from study.trackers import check_trackers
+
+    started = time.monotonic()
     check_options(options)
     study = prepare(study, options)
+    settings = check_trackers(options.loggers, options.results_dir, options.name)
     config = study.trial.data
     data_lib.resolve_path(config.dataset, config.data_dir)
     data = data_lib.load_cifar(config.dataset, config.data_dir, config.label_mode)
     data_lib.split(data, config, seed=config.split_seed)  # Sizes checked before Ray starts.
+    with console.native_stderr_filtered(console.RAY_NOISE):
+        grid = _fit(study, options, data, settings, started)
+    done = grid.num_terminated + grid.num_errors >= study.search.trial_count
+    return _report(study, options, settings, done)
+
+
+def _fit(study: StudyConfig, options: StudyOptions, data, settings, started):
+    """Starts or joins Ray and runs the study's Tune experiment; returns Ray's results."""
     per_trial, _ = resources(study, options)
     connect(options)
     import ray
@@ -409,26 +486,30 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
         check_cluster(options, per_trial)
         if not options.resume:
             options.results_dir.mkdir(parents=True)
-            raw = {**study.trial.to_dict(), "search": study.search.model_dump(mode="json")}
-            results.write_text(
-                options.results_dir / CONFIG_FILE, yaml.safe_dump(raw, sort_keys=False)
-            )
+            write_config(study, options.results_dir)
         else:
             print(
                 "warning: --resume unpickles the experiment state in "
                 f"{options.experiment_path}; only resume studies from folders you trust",
                 file=sys.stderr,
             )
+        this_run(study, options, settings, started)
         tuner, _ = build_tuner(study, options, data)
         print(f"study folder: {options.results_dir}")
         if line := shares_line(study):
             print(line)
-        grid = tuner.fit()
+        return tuner.fit()
     finally:
         ray.shutdown()
-    if grid.num_terminated + grid.num_errors < study.search.trial_count:
+
+
+def _report(study: StudyConfig, options: StudyOptions, settings, finished: bool) -> int:
+    """The end of a run: the table, the failed trials, where to look; the exit code."""
+    if not finished:
         print(f"interrupted; continue with: {resume_command(options)}", file=sys.stderr)
         return 130
     print("\n" + final_table(study, options.results_dir))
+    for line in [*failed_trials(options.results_dir), *settings.lines(options.experiment_path)]:
+        print(line)
     print(f"results: {options.results_dir}")
     return 0

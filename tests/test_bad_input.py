@@ -433,6 +433,7 @@ CASES = {
         ("--address: 'headnode'", "auto, HOST:PORT or ray://HOST:PORT"),
         STUDY,
     ),
+    "flag-logger-unknown": Case(("--logger", "neptune"), ("--logger", "invalid choice")),
     "flag-name-with-a-slash": Case(("--name", "a/b"), ("--name: 'a/b' must be a plain folder",)),
     "flag-name-of-an-earlier-run": Case(("--name", "earlier"), ("earlier already exists",)),
     "flag-resume-without-name": Case(("--resume",), ("--resume: name the study",), STUDY),
@@ -824,3 +825,74 @@ def test_local_checks_only_the_trial_and_not_the_search_space(files, tripwires, 
     error = capsys.readouterr().err
     assert error.startswith("error: search.space.loss.name: with loss.name=hinge: loss: ")
     assert "label_smoothing > 0 is not defined for loss 'hinge'" in error
+
+
+# Trackers: cases that need an environment. Each is
+# (modes, extra arguments, environment changes, the words of the one line).
+SETTINGS = {
+    "mlflow-not-installed": (
+        BOTH,
+        ("--logger", "mlflow"),
+        {"module:mlflow": None},
+        ("--logger mlflow", ".[mlflow]"),
+    ),
+    "wandb-not-installed": (
+        BOTH,
+        ("--logger", "wandb"),
+        {"module:wandb": None},
+        ("--logger wandb", ".[wandb]"),
+    ),
+    "mlflow-unknown-scheme": (
+        BOTH,
+        ("--logger", "mlflow"),
+        {"MLFLOW_TRACKING_URI": "ftp://nowhere/runs"},
+        ("MLFLOW_TRACKING_URI='ftp://nowhere/runs'", "unsupported URI"),
+    ),
+    "mlflow-server-down": (
+        BOTH,
+        ("--logger", "mlflow"),
+        {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{CLOSED_PORT}"},
+        ("MLFLOW_TRACKING_URI", "nothing answers there"),
+    ),
+    "wandb-unknown-mode": (
+        BOTH,
+        ("--logger", "wandb"),
+        {"WANDB_MODE": "sometimes"},
+        ("WANDB_MODE='sometimes'", "allowed: online, offline"),
+    ),
+    # Online by default, and this machine has no key (and no network): say so, and how
+    # to keep the runs offline.
+    "wandb-online-without-a-key": (
+        BOTH,
+        ("--logger", "wandb"),
+        {"WANDB_MODE": None, "WANDB_API_KEY": None, "HOME": "@folder"},
+        ("no W&B API key", "WANDB_MODE=offline"),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"), [(name, mode) for name, case in SETTINGS.items() for mode in case[0]]
+)
+def test_bad_tracker_settings_exit_2_before_anything(
+    name, mode, files, tripwires, capsys, monkeypatch
+):
+    storage, ray_tmp = tripwires
+    _, args, changes, expected = SETTINGS[name]
+    for key, value in changes.items():
+        if key.startswith("module:"):
+            monkeypatch.setitem(sys.modules, key.partition(":")[2], value)  # Not installed.
+        elif value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, str(files["folder"]) if value == "@folder" else value)
+    before = _snapshot(storage)
+    code = run.main(_argv(Case(args, expected), mode, files, storage))
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == run.EXIT_BAD_INPUT and len(lines) == 1, captured.err
+    assert lines[0].startswith("error: "), lines[0]
+    for words in expected:
+        assert words in lines[0], f"{words!r} not in {lines[0]!r}"
+    assert _snapshot(storage) == before
+    assert not any(ray_tmp.iterdir())

@@ -140,6 +140,9 @@ def test_killed_workers_and_a_corrupt_checkpoint_and_divergence(tmp_path, cifar1
     assert trials.loc[corrupt.trial_id, "restarts"] >= 1
     assert trials.loc[corrupt.trial_id, "status"] == "completed"
     assert "restarted from scratch" in trials.loc[corrupt.trial_id, "warning"]
+    # The warning is where a user looks: the trial's own stderr, in its folder.
+    stderr_file = (folder / f"trial_{corrupt.trial_id}" / "stderr").read_text()
+    assert "unreadable" in stderr_file and "restarted from scratch" in stderr_file
     assert (rows.epoch == 1).sum() == 2 and rows[rows.epoch == 1].rerun.tolist() == [0, 1]
 
     # 4. The baseline diverged: marked in trials.csv, told to Optuna as a failure.

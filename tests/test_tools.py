@@ -1,0 +1,513 @@
+"""A study opened in the tools researchers use, each for real and offline: TensorBoard's own
+event reader, MLflow's store, W&B's offline run files, optuna-dashboard's HTTP API and
+Ray's results API; and what the console shows while it runs: a progress line, each
+trial's output in its folder, a failed trial named with its traceback's file, no
+start-up noise.
+
+One small study serves every study test here (a module fixture): 6 tiny trials of 3
+losses, ASHA, label smoothing searched for cross-entropy only (so other trials leave it
+out), `--logger mlflow --logger wandb` with W&B offline, and one trial's worker killed
+mid-run with no retries left, so that each tool also shows a failed trial.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from study.config import flatten
+
+from .conftest import (
+    REPO,
+    TINY_STUDY,
+    free_port,
+    isolated_ray,
+    read_trials,
+    run_cli,
+    study_args,
+    wait_for,
+)
+
+for package in ("tensorboard", "mlflow", "wandb", "optuna_dashboard"):
+    pytest.importorskip(package, reason="the tools: pip install -e '.[viz,mlflow,wandb]'")
+
+NAME = "tools"
+# The lines the console must not show: TensorFlow's native start-up, Ray's and Optuna's
+# informational lines, and the warnings that the study's own correct settings trigger.
+NOISE = (
+    "absl::InitializeLog",
+    "oneDNN",
+    "cuInit",
+    "cudart_stub",
+    "Token authentication is enabled",
+    "Started a local Ray instance",
+    "A new study created",
+    "core_worker.cc",
+    "mlflow.store.db",
+    "Trial task failed",
+    "Trials did not complete",
+    "Traceback",
+)
+
+
+@dataclass
+class Study:
+    folder: Path
+    stdout: str
+    stderr: str
+    returncode: int
+    victim: str  # The trial whose worker was killed.
+
+    def trials(self) -> pd.DataFrame:
+        return read_trials(self.folder).set_index("trial_id")
+
+    def epochs(self) -> pd.DataFrame:
+        return pd.read_csv(self.folder / "epochs.csv", dtype={"trial_id": str})
+
+
+def _config(path: Path) -> Path:
+    config = json.loads(json.dumps(TINY_STUDY))
+    config["search"]["space"]["loss.label_smoothing"] = {
+        "uniform": [0.0, 0.1],
+        "when": {"loss.name": ["categorical_crossentropy"]},
+    }
+    config["search"]["max_failures"] = 0
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _kill_a_trial_mid_run(folder: Path) -> str:
+    """SIGSTOPs a trial's worker that has reported epoch 3 of 4 (ASHA's rungs are at 1, 2
+    and 4, so no decision on it is in flight), then SIGKILLs it; returns its id."""
+    victims = []
+
+    def freeze():
+        trials = read_trials(folder)
+        ready = trials[(trials.status == "running") & (trials.epochs_run == 3)]
+        for trial in ready.itertuples():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(trial.pid), signal.SIGSTOP)
+                victims.append(trial)
+                return True
+        return False
+
+    wait_for(freeze, timeout=600, interval=0.05)
+    os.kill(int(victims[0].pid), signal.SIGKILL)
+    return victims[0].trial_id
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, cifar10_tarball) -> Study:
+    root = tmp_path_factory.mktemp("tools")
+    config = _config(root / "tools.yaml")
+    command = [
+        sys.executable, "-m", "study.run", *study_args(config, cifar10_tarball, root, NAME),
+        "--no-dashboard", "--logger", "mlflow", "--logger", "wandb",
+    ]  # fmt: skip
+    with isolated_ray() as env, open(root / "out", "w") as out, open(root / "err", "w") as err:
+        env = {**env, "WANDB_MODE": "offline"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        driver = subprocess.Popen(
+            command, cwd=REPO, stdout=out, stderr=err, env=env, start_new_session=True
+        )
+        try:
+            victim = _kill_a_trial_mid_run(root / NAME)
+            driver.wait(timeout=900)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    return Study(
+        root / NAME,
+        (root / "out").read_text(),
+        (root / "err").read_text(),
+        driver.returncode,
+        victim,
+    )
+
+
+@pytest.fixture(scope="module")
+def confirmed(study, tmp_path_factory) -> subprocess.CompletedProcess:
+    """The study's --confirm (2 seeds), logged to MLflow and W&B (offline) as well."""
+    with isolated_ray() as env:
+        env = {**env, "WANDB_MODE": "offline"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        return run_cli(
+            "study.run", "--confirm", "--name", NAME, "--storage-path", study.folder.parent,
+            "--seeds", "2", "--no-dashboard", "--logger", "mlflow", "--logger", "wandb",
+            env=env, timeout=900,
+        )  # fmt: skip
+
+
+@pytest.mark.study
+def test_the_study_finishes_quietly_with_a_failed_trial_named(study):
+    assert study.returncode == 0, study.stderr[-3000:]
+    trials = study.trials()
+    assert len(trials) == 6
+    assert trials.loc[study.victim, "status"] == "error"
+    assert set(trials.drop(study.victim).status) <= {"completed", "early_stopped"}
+    console = study.stdout + study.stderr
+    for noise in NOISE:
+        assert noise not in console, noise
+    # Each trial's output is in its folder; the failed one's traceback too, and the end
+    # of the study names that file.
+    for trial_id in trials.index:
+        folder = study.folder / f"trial_{trial_id}"
+        assert (folder / "stdout").is_file() and (folder / "stderr").is_file(), trial_id
+    traceback = study.folder / f"trial_{study.victim}" / "error.txt"
+    assert "The actor died unexpectedly" in traceback.read_text()  # Ray's words for a kill.
+    assert f"trial {study.victim} failed: " in study.stdout
+    end = study.stdout[study.stdout.rindex("Per loss.name, ranked") :]
+    assert f"trial {study.victim} ended in an error: " in end and str(traceback) in end
+    # How to open it in each tool.
+    assert f"TensorBoard: tensorboard --logdir {study.folder}" in end
+    assert f"MLflow: mlflow ui --backend-store-uri sqlite:///{study.folder}/mlflow.db" in end
+    assert f"W&B: offline runs in {study.folder / 'wandb'}" in end
+
+
+def _progress(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("progress: ")]
+
+
+def _seconds(text: str) -> int:
+    minutes, _, seconds = text.rstrip("s").rpartition("m")
+    return int(minutes or 0) * 60 + int(seconds)
+
+
+@pytest.mark.study
+def test_the_progress_line_agrees_with_trials_csv(study):
+    lines = _progress(study.stdout)
+    assert len(lines) >= len(study.trials())  # At least one at each trial's end.
+    elapsed = [_seconds(line.split("; ")[3].split()[0]) for line in lines]
+    assert all(b - a <= 35 for a, b in zip(elapsed, elapsed[1:], strict=False)), elapsed
+    assert "at most" in lines[0] and "(an upper bound: ASHA may stop trials early)" in lines[0]
+    trials = study.trials()
+    best = trials.best_val_accuracy.idxmax()
+    epochs = int(trials.epochs_run.sum())
+    assert lines[-1].startswith(
+        f"progress: 6/6 trials done, 0 running, 0 waiting; {epochs}/24 epochs; "
+        f"best val_accuracy {trials.best_val_accuracy.max():.4f} "
+        f"(trial {best}, {trials.loc[best, 'loss.name']}); "
+    )
+
+
+def _values(study: Study) -> tuple[pd.DataFrame, list[str]]:
+    """trials.csv and its config columns (every config key, dotted)."""
+    config = yaml.safe_load((study.folder / "config.yaml").read_text())
+    config.pop("search")
+    return study.trials(), list(flatten(config))
+
+
+def _same(stored, expected) -> bool:
+    """A tracker's value against trials.csv's (an empty cell: a key left out)."""
+    if isinstance(expected, float) and np.isnan(expected):
+        return stored in ("", None)
+    if isinstance(expected, bool | np.bool_):
+        return str(stored).lower() == str(bool(expected)).lower()
+    if isinstance(expected, int | float | np.number) and not isinstance(stored, bool):
+        return float(stored) == pytest.approx(float(expected))
+    return str(stored) == str(expected)
+
+
+@pytest.mark.study
+def test_tensorboard_reads_each_trials_epochs_and_hyperparameters(study):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    trials, columns = _values(study)
+    epochs = study.epochs()
+    smoothed = 0
+    for trial_id, trial in trials.iterrows():
+        events = event_accumulator.EventAccumulator(str(study.folder / f"trial_{trial_id}"))
+        events.Reload()
+        rows = epochs[epochs.trial_id == trial_id]
+        scalars = events.Scalars("val_accuracy")
+        assert [s.step for s in scalars] == rows.epoch.tolist(), trial_id
+        assert [s.value for s in scalars] == pytest.approx(rows.val_accuracy.tolist())
+        content = events.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            content["_hparams_/session_start_info"]
+        ).session_start_info.hparams
+        for column in columns:
+            value = trial[column]
+            if isinstance(value, float) and np.isnan(value):
+                assert column not in start, (trial_id, column)  # Left out: no value.
+                continue
+            stored = start[column]
+            kind = stored.WhichOneof("kind")
+            assert _same(getattr(stored, kind), value), (trial_id, column)
+        smoothed += "loss.label_smoothing" in start
+        end = plugin_data_pb2.HParamsPluginData.FromString(
+            content["_hparams_/session_end_info"]
+        ).session_end_info.status
+        assert end == (2 if trial_id == study.victim else 1), trial_id  # FAILURE, SUCCESS
+    assert smoothed == (trials["loss.name"] == "categorical_crossentropy").sum()
+
+
+@pytest.mark.study
+def test_mlflow_holds_each_trial_with_its_values_and_epochs(study):
+    from mlflow import MlflowClient
+
+    trials, columns = _values(study)
+    epochs = study.epochs()
+    client = MlflowClient(f"sqlite:///{study.folder}/mlflow.db")
+    experiment = client.get_experiment_by_name(NAME)
+    runs = {
+        run.data.tags["ray_trial_id"]: run for run in client.search_runs([experiment.experiment_id])
+    }
+    assert set(runs) == set(trials.index)
+    for trial_id, trial in trials.iterrows():
+        run = runs[trial_id]
+        assert sorted(run.data.params) == sorted(columns)  # Every key once, dotted.
+        for column in columns:
+            assert _same(run.data.params[column], trial[column]), (trial_id, column)
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        rows = epochs[epochs.trial_id == trial_id]
+        assert [m.step for m in history] == rows.epoch.tolist()
+        assert [m.value for m in history] == pytest.approx(rows.val_accuracy.tolist())
+        assert run.data.tags["status"] == trial.status
+        assert run.info.status == ("FAILED" if trial.status == "error" else "FINISHED")
+
+
+BLOCK = 32 * 1024  # W&B's transaction log: LevelDB's log format, after a 7-byte header.
+
+
+def _wandb_records(path: Path):
+    """The records of a W&B run file, parsed with W&B's own protobuf schema."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, chunks = 7, b""
+    while position + 7 <= len(data):
+        if BLOCK - position % BLOCK < 7:  # A block's tail too short for a header.
+            position += BLOCK - position % BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        position += 7
+        chunks += data[position : position + length]
+        position += length
+        if kind in (1, 4):  # A whole record, or its last piece.
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
+def _items(items) -> dict:
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def _wandb_run(folder: Path) -> tuple[dict, list[dict]]:
+    """A W&B offline run's config and history rows."""
+    config, history = {}, []
+    for record in _wandb_records(next(folder.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            config |= _items(record.run.config.update)
+        elif kind == "config":
+            config |= _items(record.config.update)
+        elif kind == "history":
+            history.append(_items(record.history.item))
+    return config, history
+
+
+@pytest.mark.study
+def test_wandb_offline_runs_hold_each_trial_with_its_values_and_epochs(study):
+    trials, columns = _values(study)
+    epochs = study.epochs()
+    folders = {f.name.rsplit("-", 1)[1]: f for f in (study.folder / "wandb").glob("offline-run-*")}
+    assert set(folders) == set(trials.index)
+    for trial_id, trial in trials.iterrows():
+        config, history = _wandb_run(folders[trial_id])
+        for column in columns:  # Every key once, dotted, as it trained.
+            assert _same(config[column], trial[column]), (trial_id, column)
+        assert not [key for key in config if key.startswith(("loss/", "optimizer/"))]
+        rows = epochs[epochs.trial_id == trial_id]
+        assert [row["epoch"] for row in history] == rows.epoch.tolist()
+        assert [row["val_accuracy"] for row in history] == pytest.approx(rows.val_accuracy.tolist())
+
+
+@pytest.mark.study
+def test_optuna_dashboard_serves_the_studies_and_their_trials(study, tmp_path):
+    database = tmp_path / "optuna.db"  # A copy: the dashboard may add its own tables.
+    shutil.copy(study.folder / "optuna.db", database)
+    port = free_port()
+    dashboard = subprocess.Popen(
+        [str(Path(sys.executable).parent / "optuna-dashboard"), f"sqlite:///{database}",
+         "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+    def get(path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return json.load(response)
+
+    def up():
+        with contextlib.suppress(OSError):
+            return bool(get("/api/meta"))
+        return False
+
+    try:
+        wait_for(up, timeout=60, interval=0.5)
+        listed = get("/api/studies")["study_summaries"]
+        studies = {s["study_name"]: s["study_id"] for s in listed}
+        trials = study.trials()
+        losses = set(trials["loss.name"])
+        assert set(studies) == {f"{NAME}/{loss}" for loss in losses}
+        states = {"completed": "Complete", "early_stopped": "Pruned", "error": "Fail"}
+        epochs = study.epochs()
+        for loss in losses:
+            served = get(f"/api/studies/{studies[f'{NAME}/{loss}']}")["trials"]
+            by_id = {
+                next(a["value"] for a in t["user_attrs"] if a["key"] == "ray_trial_id"): t
+                for t in served
+            }
+            expected = trials[trials["loss.name"] == loss]
+            assert set(by_id) == set(expected.index)
+            for trial_id, trial in expected.iterrows():
+                assert by_id[trial_id]["state"] == states[trial.status], trial_id
+                rows = epochs[epochs.trial_id == trial_id]
+                served_epochs = by_id[trial_id]["intermediate_values"]
+                assert [v["step"] for v in served_epochs] == rows.epoch.tolist()
+                assert [v["value"] for v in served_epochs] == pytest.approx(
+                    rows.val_accuracy.tolist()
+                )
+                if trial.status == "completed":
+                    assert by_id[trial_id]["values"] == [pytest.approx(trial.best_val_accuracy)]
+    finally:
+        os.killpg(dashboard.pid, signal.SIGKILL)
+        dashboard.wait()
+
+
+@pytest.mark.study
+def test_rays_own_results_api_opens_the_study(study):
+    from ray import tune
+
+    from study.tuning import trial_function
+
+    trials = study.trials()
+    best = trials.best_val_accuracy.idxmax()
+    grid = tune.Tuner.restore(str(study.folder), trainable=trial_function).get_results()
+    result = grid.get_best_result("val_accuracy", "max", scope="all")
+    assert Path(result.path).name == f"trial_{best}"
+    assert result.config["loss.name"] == trials.loc[best, "loss.name"]
+    checkpoint = result.get_best_checkpoint("val_accuracy", "max")
+    with checkpoint.as_directory() as directory:
+        assert (Path(directory) / "model.keras").is_file()
+    frame = grid.get_dataframe().set_index("trial_id")
+    assert set(frame.index) == set(trials.index)
+    analysis = tune.ExperimentAnalysis(str(study.folder))
+    assert analysis.get_best_trial("val_accuracy", "max", scope="all").trial_id == best
+    frame = analysis.dataframe().set_index("trial_id")
+    assert (frame["config/loss.name"] == trials.loc[frame.index, "loss.name"]).all()
+
+
+def test_a_local_run_writes_tensorboard_mlflow_and_wandb_quietly(tmp_path, cifar10_tarball):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing import event_accumulator
+
+    config = tmp_path / "local.yaml"
+    config.write_text(
+        yaml.safe_dump({**TINY_STUDY, "training": {**TINY_STUDY["training"], "epochs": 2}})
+    )
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = run_cli(
+        "study.run", "--local", *study_args(config, cifar10_tarball, tmp_path, "local"),
+        "--logger", "mlflow", "--logger", "wandb", env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for noise in NOISE:
+        assert noise not in result.stdout + result.stderr, noise
+    folder = tmp_path / "local"
+    epochs = pd.read_csv(folder / "epochs.csv")
+    assert f"TensorBoard: tensorboard --logdir {folder}" in result.stdout
+    events = event_accumulator.EventAccumulator(str(folder))
+    events.Reload()
+    assert [s.value for s in events.Scalars("val_accuracy")] == pytest.approx(
+        epochs.val_accuracy.tolist()
+    )
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("local").experiment_id])
+    assert run.data.params["training.epochs"] == "2" and run.data.tags["status"] == "completed"
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.value for m in history] == pytest.approx(epochs.val_accuracy.tolist())
+    (offline,) = (folder / "wandb").glob("offline-run-*")
+    wandb_config, history = _wandb_run(offline)
+    assert wandb_config["loss.name"] == "categorical_crossentropy"
+    assert [row["val_accuracy"] for row in history] == pytest.approx(epochs.val_accuracy.tolist())
+
+
+@pytest.mark.study
+def test_the_confirmation_reaches_the_same_tools(study, confirmed):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing import event_accumulator
+
+    assert confirmed.returncode == 0, confirmed.stderr[-3000:]
+    for noise in NOISE:
+        assert noise not in confirmed.stdout + confirmed.stderr, noise
+    folder = study.folder / "confirm"
+    runs = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str, "config_id": str})
+    runs = runs.set_index("trial_id")
+    lines = _progress(confirmed.stdout)
+    assert len(lines) >= len(runs) and "left at this rate" in lines[0]
+    assert "ASHA" not in lines[0]  # Every run goes to the full budget: no upper bound.
+    assert lines[-1].startswith(f"progress: {len(runs)}/{len(runs)} trials done, 0 running")
+    epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
+    client = MlflowClient(f"sqlite:///{study.folder}/mlflow.db")
+    experiment = client.get_experiment_by_name(f"{NAME}-confirm").experiment_id
+    logged = {run.data.tags["ray_trial_id"]: run for run in client.search_runs([experiment])}
+    assert set(logged) == set(runs.index)
+    wandb_runs = {f.name.rsplit("-", 1)[1]: f for f in (study.folder / "wandb").glob("offline-*")}
+    trials = study.trials()
+    for trial_id, run in runs.iterrows():
+        # What it trained with: the study trial's values, with its own seed.
+        trained = trials.loc[run.config_id]
+        params = logged[trial_id].data.params
+        assert params["seed"] == str(run.seed) and params["config_id"] == run.config_id
+        assert _same(params["optimizer.learning_rate"], trained["optimizer.learning_rate"])
+        config, history = _wandb_run(wandb_runs[trial_id])
+        assert config["seed"] == run.seed and config["loss.name"] == trained["loss.name"]
+        rows = epochs[epochs.trial_id == trial_id]
+        assert [r["val_accuracy"] for r in history] == pytest.approx(rows.val_accuracy.tolist())
+        events = event_accumulator.EventAccumulator(str(folder / f"trial_{trial_id}"))
+        events.Reload()
+        assert [s.step for s in events.Scalars("test_accuracy")] == [rows.epoch.max()]
+
+
+def test_the_console_filter_drops_native_start_up_lines_only():
+    """What TensorFlow's native code writes as it loads goes; every other line stays, in
+    order, including the study's own warnings."""
+    code = (
+        "import os, sys\n"
+        "from study.console import native_stderr_filtered\n"
+        "with native_stderr_filtered():\n"
+        "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called"
+        " are written to STDERR\\n')\n"
+        "    os.write(2, b'I0000 00:00:1.5   10906 port.cc:153] oneDNN custom operations\\n')\n"
+        "    print('warning: checkpoint unreadable', file=sys.stderr)\n"
+        "    os.write(2, b'E0000 00:00:1.7   10906 cuda_platform.cc:52] cuInit failed\\n')\n"
+        "    os.write(2, b'E0000 00:00:1.8   10906 model.cc:1] a real error\\n')\n"
+        "print('after', file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "warning: checkpoint unreadable",
+        "E0000 00:00:1.8   10906 model.cc:1] a real error",
+        "after",
+    ]
