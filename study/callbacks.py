@@ -1,12 +1,15 @@
 """The driver's Tune callbacks beside the study's tables: TensorBoard, MLflow and W&B (Ray's
-own loggers, told what a trial trained with and what an epoch is) and the progress line.
+own loggers, told what a trial trained with and what an epoch is), the progress line and
+the time budget.
 
 Tune pickles a study's callbacks when the study starts and restores exactly those on
 `--resume`. So the list holds, beside the recorder and TensorBoard, one `ThisRun`, which
 runs the callbacks that the driver running now gives it: a resumed study takes this run's
-`--logger`, and prints its progress from this run's start.
+`--logger` and `--time-budget`, and prints its progress from this run's start.
 """
 
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -295,6 +298,30 @@ class Progress(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._failure(trial, "no retries left")
         self.report()
+
+
+class TimeBudget(Callback):
+    """Stops the study once `seconds` have passed since `started` (time.monotonic), the
+    way Ctrl-C does: through Tune's own SIGUSR1 handler, so that running trials stay
+    unfinished in Tune's state and --resume continues them from their checkpoints. (With
+    TuneConfig(time_budget_s) Tune ends every unfinished trial as terminated, and a
+    resumed study would never run them again.)"""
+
+    def __init__(self, seconds: float, started: float | None = None):
+        self.seconds = seconds
+        self.started = started or time.monotonic()
+        self.spent = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.spent or time.monotonic() - self.started < self.seconds:
+            return
+        self.spent = True
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            # Tune runs elsewhere (Ray Client) and has no handler here: never kill this.
+            print("warning: the time budget cannot stop Tune from here", file=sys.stderr)
+            return
+        print(f"time budget of {duration(self.seconds)} spent: stopping the study", flush=True)
+        signal.raise_signal(signal.SIGUSR1)
 
 
 class ThisRun(CallbackList):

@@ -23,10 +23,12 @@ from study.search_config import StudyConfig, load_study
 from study.tuning import (
     CONFIG_FILE,
     StudyOptions,
+    budget_spent,
     check_cluster,
     check_options,
     connect,
     failed_trials,
+    finished,
     recorded_epochs,
     resilient,
     resources,
@@ -309,9 +311,9 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
             grid = tuner.fit()
         finally:
             ray.shutdown()
-    done = grid.num_terminated + grid.num_errors >= len(candidates) * seeds
+    done = finished(grid, confirm_dir, len(candidates) * seeds)
     command = resume_command(options, "--confirm")
-    if not done:
+    if not done and not budget_spent():
         print(f"interrupted; continue with: {command}", file=sys.stderr)
         return 130
     key = compared(study)[0]
@@ -324,17 +326,20 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
         print(line)
     for line in settings.lines(f"{options.experiment_path}/{CONFIRM_DIR}"):
         print(line)
+    if not done:
+        print(f"stopped at its time budget; continue with: {command}")
     print(f"results: {results_dir / CONFIRM_FILE}")
     return 0
 
 
 def _this_run(study: StudyConfig, options: StudyOptions, total: int, settings, started) -> None:
-    """This run's callbacks (study/callbacks.py): progress and trackers."""
-    from study.callbacks import Progress, ThisRun, tracker_loggers
+    """This run's callbacks (study/callbacks.py): progress, time budget, trackers."""
+    from study.callbacks import Progress, ThisRun, TimeBudget, tracker_loggers
 
     key, folder = compared(study)[0], options.results_dir / CONFIRM_DIR
     progress = Progress(folder, total, study.trial.training.epochs, key, False, started)
-    ThisRun.callbacks = [progress, *tracker_loggers(settings, confirm_params)]
+    budget = [TimeBudget(options.time_budget, started)] if options.time_budget else []
+    ThisRun.callbacks = [progress, *budget, *tracker_loggers(settings, confirm_params)]
 
 
 def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, per_trial):

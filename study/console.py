@@ -99,3 +99,13 @@ def duration(seconds: float) -> str:
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `2h`, `90m`, `1h30m`, `45s` or a plain number of seconds."""
+    text = text.strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not text or parts is None:
+        raise ValueError(f"{text!r} is not a duration such as 2h, 90m, 1h30m or 45s")
+    hours, minutes, seconds = (float(part or 0) for part in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds

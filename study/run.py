@@ -44,6 +44,19 @@ def _resource_count(text: str) -> float:
     return value
 
 
+def _budget(text: str) -> float:
+    """A wall-clock budget: 2h, 90m, 1h30m, 45s or seconds; more than 0."""
+    from study.console import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the budget must be more than 0")
+    return seconds
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = _Parser(prog="python -m study.run", description=__doc__)
     parser.add_argument("--local", action="store_true", help="run one trial in this process")
@@ -83,7 +96,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     study.add_argument("--resume", action="store_true", help="continue the study --name")
     study.add_argument("--searcher", choices=["optuna", "random"], help="override the config")
     study.add_argument("--scheduler", choices=["asha", "fifo"], help="override the config")
-    study.add_argument("--num-samples", type=int, help="override search.num_samples")
+    study.add_argument(
+        "--num-samples", type=int, help="override search.num_samples; with --resume, grow to it"
+    )
+    study.add_argument(
+        "--time-budget",
+        type=_budget,
+        help="stop cleanly (resumable) after this wall-clock time: 2h, 90m, 45s",
+    )
     study.add_argument(
         "--dashboard-host", default="127.0.0.1", help="0.0.0.0 exposes the dashboard (warned)"
     )
@@ -132,6 +152,9 @@ def _options(args, name: str):
         dashboard_host=args.dashboard_host,
         dashboard=not args.no_dashboard,
         loggers=tuple(args.loggers),
+        time_budget=args.time_budget,
+        # On --resume, --num-samples grows the study (study.tuning.grown).
+        num_samples=args.num_samples if args.resume and not args.confirm else None,
     )
 
 
@@ -139,7 +162,8 @@ def run_study_command(args) -> int:
     from study.tuning import run_study
 
     overrides = list(args.overrides)
-    for flag in ("searcher", "scheduler", "num_samples"):
+    flags = ["searcher", "scheduler"] + ([] if args.resume else ["num_samples"])
+    for flag in flags:
         if getattr(args, flag) is not None:
             overrides.append(f"search.{flag}={getattr(args, flag)}")
     if args.resume and (args.config or overrides or args.data_dir):
@@ -166,6 +190,8 @@ def run_local_command(args) -> int:
     from study import data as data_lib
     from study.trackers import check_trackers
 
+    if args.time_budget is not None:
+        raise ConfigError("--time-budget: bounds a study or --confirm, not one --local trial")
     config = load_study(args.config, args.overrides, _values(args), check_space=False).trial
     data_lib.resolve_path(config.data.dataset, config.data.data_dir)
     run_dir = _run_dir(args)

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 from study.config import METRIC, MODE
-from study.search_config import OPTUNA_FILE, SearchConfig
+from study.search_config import CONFIG_FILE, OPTUNA_FILE, SearchConfig
 
 EPOCH = "epoch"  # ASHA's clock: the epochs a trial has reported.
 RAY_TRIAL_ID = "ray_trial_id"  # The user attribute that ties an Optuna trial to Tune's.
@@ -169,6 +169,12 @@ class StudySearcher(Searcher):
         with contextlib.suppress(_finished_error()):
             self.study(stratum).tell(trial, values, state=state)
 
+    def grow(self, search: SearchConfig) -> None:
+        """A study grown to search.num_samples trials: each stratum's share grows to its
+        share of the new total; its Optuna study goes on from the trials it holds."""
+        self.search, self.shares = search, search.shares()
+        self.suggested = {stratum: self.suggested.get(stratum, 0) for stratum in self.shares}
+
     def save(self, checkpoint_path: str) -> None:
         state = {k: v for k, v in self.__dict__.items() if k != "_studies"}
         with open(checkpoint_path, "wb") as file:
@@ -186,10 +192,45 @@ def _finished_error():
     return optuna.exceptions.UpdateFinishedTrialError
 
 
+class StudyGenerator(SearchGenerator):
+    """Tune's generator of trials from a searcher, whose number of trials follows the
+    study's config.yaml when Tune restores it: `--resume --num-samples N` writes N there
+    before Tune starts, and the restored study grows to N trials, its searcher going on
+    from what it has learned. (Tune restores a generator with the trial count it began
+    with; growing an experiment in place is outside what Tuner.restore offers.)"""
+
+    def __init__(self, searcher: Searcher, config_file: Path):
+        super().__init__(searcher)
+        self.config_file = str(config_file)
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        from study.search_config import load_study
+
+        super().restore_from_dir(dirpath)
+        if not Path(self.config_file).is_file():  # A study folder moved since it began.
+            return
+        search = load_study(self.config_file, check_space=False).search
+        base = self.searcher
+        while not isinstance(base, StudySearcher):
+            base = base.searcher  # Through a ConcurrencyLimiter.
+        if search.num_samples > base.search.num_samples:
+            base.grow(search)
+            state = self.get_state()
+            self.set_state({**state, "total_samples": search.num_samples, "finished": False})
+
+
 def make_searcher(search: SearchConfig, experiment_dir: Path, name: str, max_epochs: int):
     """The study's searcher, its Optuna studies in `experiment_dir/optuna.db`."""
     experiment_dir.mkdir(parents=True, exist_ok=True)
     return StudySearcher(search, f"sqlite:///{experiment_dir / OPTUNA_FILE}", name, max_epochs)
+
+
+def trial_generator(searcher: StudySearcher, experiment_dir: Path, concurrent=None):
+    """What Tune draws trials from: the searcher behind a limit of `concurrent` trials at
+    once (if any), its size following `experiment_dir/config.yaml` on a resume."""
+    if concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrent)
+    return StudyGenerator(searcher, experiment_dir / CONFIG_FILE)
 
 
 def trial_dirname(trial) -> str:

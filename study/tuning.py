@@ -20,7 +20,7 @@ import yaml
 from study import console, results
 from study import data as data_lib
 from study.config import MODE, ConfigError, flatten
-from study.search_config import CONFIG_FILE, ONE_GPU, StudyConfig, load_study
+from study.search_config import CONFIG_FILE, ONE_GPU, SearchConfig, StudyConfig, load_study
 
 # Ray's newer console output ignores a custom reporter; the classic one can be trimmed.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -43,6 +43,8 @@ class StudyOptions:
     dashboard_host: str = "127.0.0.1"
     dashboard: bool = True
     loggers: tuple[str, ...] = ()  # --logger: mlflow, wandb
+    time_budget: float | None = None  # --time-budget, in seconds
+    num_samples: int | None = None  # --resume --num-samples: grow the study to this many
 
     @property
     def remote_storage(self) -> bool:
@@ -80,6 +82,10 @@ def check_options(options: StudyOptions) -> None:
         raise ConfigError("--cpus-per-trial: must be > 0")
     if not options.name or "/" in options.name or options.name in (".", ".."):
         raise ConfigError(f"--name: {options.name!r} must be a plain folder name")
+    if options.time_budget is not None and not options.time_budget > 0:
+        raise ConfigError(f"--time-budget: {options.time_budget:g} s; it must be more than 0")
+    if options.num_samples is not None and not options.resume:
+        raise ConfigError("--num-samples: grows a study on --resume; a new study takes it")
     check_address(options.address)
 
 
@@ -110,7 +116,7 @@ def prepare(study: StudyConfig, options: StudyOptions) -> StudyConfig:
     if options.resume:
         if not config_file.exists():
             raise ConfigError(f"--resume: no study at {options.results_dir} (no {CONFIG_FILE})")
-        return load_study(config_file)
+        return grown(load_study(config_file), options.num_samples)
     if options.results_dir.exists():
         raise ConfigError(
             f"--name: {options.results_dir} already exists; --resume continues it, "
@@ -119,6 +125,23 @@ def prepare(study: StudyConfig, options: StudyOptions) -> StudyConfig:
     if not study.search.space:
         raise ConfigError("search.space: empty; list at least one key to search")
     return study
+
+
+def grown(study: StudyConfig, num_samples: int | None) -> StudyConfig:
+    """The study with `num_samples` trials (--resume --num-samples N): more trials, each
+    stratum's share growing to its share of N; never fewer."""
+    search = study.search
+    if num_samples is None or num_samples == search.num_samples:
+        return study
+    if search.searcher == "grid":
+        raise ConfigError("--num-samples: a grid study runs its grid num_samples times; no growing")
+    if num_samples < search.num_samples:
+        raise ConfigError(
+            f"--num-samples: {num_samples} is fewer than the study's {search.num_samples} "
+            "trials; a study grows, it does not shrink"
+        )
+    raw = {**search.model_dump(mode="json"), "num_samples": num_samples}
+    return StudyConfig(trial=study.trial, search=SearchConfig.model_validate(raw))
 
 
 def resources(study: StudyConfig, options: StudyOptions) -> tuple[dict, int | None]:
@@ -311,16 +334,17 @@ def param_space(study: StudyConfig) -> dict:
 
 def this_run(study: StudyConfig, options: StudyOptions, settings, started=None) -> None:
     """Sets the callbacks this run of the driver adds (study/callbacks.py): the progress
-    line and the trackers of --logger."""
+    line, the time budget, and the trackers of --logger."""
     from analysis.results import compared_key
-    from study.callbacks import Progress, ThisRun, tracker_loggers
+    from study.callbacks import Progress, ThisRun, TimeBudget, tracker_loggers
 
     search, epochs = study.search, study.trial.training.epochs
     progress = Progress(
         options.results_dir, search.trial_count, epochs, compared_key(search),
         asha=search.scheduler == "asha", started=started,
     )  # fmt: skip
-    ThisRun.callbacks = [progress, *tracker_loggers(settings)]
+    budget = [TimeBudget(options.time_budget, started)] if options.time_budget else []
+    ThisRun.callbacks = [progress, *budget, *tracker_loggers(settings)]
 
 
 def run_config(name: str, storage: str, recorder, params=None, **more):
@@ -352,7 +376,7 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
     from ray import tune
 
     from study.records import StudyRecorder
-    from study.search import make_scheduler, make_searcher, trial_dirname
+    from study.search import make_scheduler, make_searcher, trial_dirname, trial_generator
 
     per_trial, concurrent = resources(study, options)
     base = study.trial.to_dict()
@@ -368,19 +392,21 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
             resume_errored=True,
         ), recorder
     search, epochs = study.search, study.trial.training.epochs
-    searcher = None
+    generator = None
     if search.searcher != "grid":
         searcher = make_searcher(search, options.results_dir, options.name, epochs)
+        generator = trial_generator(searcher, options.results_dir, concurrent)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(study),
         tune_config=tune.TuneConfig(
             metric=search.metric,
             mode=MODE,
-            search_alg=searcher,
+            search_alg=generator,
             scheduler=make_scheduler(search, epochs),
             num_samples=search.num_samples,
-            max_concurrent_trials=concurrent,
+            # The generator holds the searcher's limit; the grid's is Tune's.
+            max_concurrent_trials=concurrent if generator is None else None,
             trial_dirname_creator=trial_dirname,
             trial_name_creator=trial_dirname,
             # No actor reuse: a trial that ASHA stops finishes its epoch in the background,
@@ -419,7 +445,10 @@ def final_table(study: StudyConfig, results_dir: Path) -> str:
     from analysis.results import compared_key, comparison, format_comparison
 
     key, epochs = compared_key(study.search), study.trial.training.epochs
-    trials = pd.read_csv(results_dir / "trials.csv", dtype={"trial_id": str})
+    path = results_dir / "trials.csv"
+    trials = pd.read_csv(path, dtype={"trial_id": str}) if path.is_file() else pd.DataFrame()
+    if "best_val_accuracy" not in trials:  # Stopped (its time budget) before any epoch.
+        return "No trial has reported an epoch yet."
     entry = study.search.space.get(key)
     values = entry.choice if entry is not None and entry.kind == "choice" else ()
     return format_comparison(comparison(trials, key, epochs, values), key, epochs)
@@ -458,6 +487,29 @@ def failed_trials(folder: Path) -> list[str]:
     return [f"trial {row.trial_id} ended in an error: {row.message}" for row in failed.itertuples()]
 
 
+def finished(grid, folder: Path, count: int) -> bool:
+    """Whether all `count` trials have ended. After the time budget, from `folder`'s
+    trials.csv: Tune stops the running trials' workers as it cleans up, and its results
+    then call them terminated, while its saved state (what --resume reads) keeps them
+    unfinished."""
+    if not budget_spent():
+        return grid.num_terminated + grid.num_errors >= count
+    from study.callbacks import DONE
+
+    path = Path(folder) / "trials.csv"
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    import pandas as pd
+
+    return int(pd.read_csv(path).status.isin(DONE).sum()) >= count
+
+
+def budget_spent() -> bool:
+    from study.callbacks import ThisRun, TimeBudget
+
+    return any(isinstance(each, TimeBudget) and each.spent for each in ThisRun.callbacks)
+
+
 def run_study(study: StudyConfig, options: StudyOptions) -> int:
     """Runs (or resumes) a study to the end; returns the process exit code."""
     from study.trackers import check_trackers
@@ -472,7 +524,7 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
     data_lib.split(data, config, seed=config.split_seed)  # Sizes checked before Ray starts.
     with console.native_stderr_filtered(console.RAY_NOISE):
         grid = _fit(study, options, data, settings, started)
-    done = grid.num_terminated + grid.num_errors >= study.search.trial_count
+    done = finished(grid, options.results_dir, study.search.trial_count)
     return _report(study, options, settings, done)
 
 
@@ -493,6 +545,8 @@ def _fit(study: StudyConfig, options: StudyOptions, data, settings, started):
                 f"{options.experiment_path}; only resume studies from folders you trust",
                 file=sys.stderr,
             )
+            if options.num_samples:  # Grown: the generator reads the new size there.
+                write_config(study, options.results_dir)
         this_run(study, options, settings, started)
         tuner, _ = build_tuner(study, options, data)
         print(f"study folder: {options.results_dir}")
@@ -505,11 +559,16 @@ def _fit(study: StudyConfig, options: StudyOptions, data, settings, started):
 
 def _report(study: StudyConfig, options: StudyOptions, settings, finished: bool) -> int:
     """The end of a run: the table, the failed trials, where to look; the exit code."""
-    if not finished:
+    if not finished and not budget_spent():
         print(f"interrupted; continue with: {resume_command(options)}", file=sys.stderr)
         return 130
     print("\n" + final_table(study, options.results_dir))
     for line in [*failed_trials(options.results_dir), *settings.lines(options.experiment_path)]:
         print(line)
+    if not finished:
+        print(
+            f"stopped at its time budget ({console.duration(options.time_budget)}); "
+            f"continue with: {resume_command(options)}"
+        )
     print(f"results: {options.results_dir}")
     return 0

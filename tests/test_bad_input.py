@@ -433,6 +433,13 @@ CASES = {
         ("--address: 'headnode'", "auto, HOST:PORT or ray://HOST:PORT"),
         STUDY,
     ),
+    "flag-time-budget-zero": Case(("--time-budget", "0"), ("--time-budget", "more than 0")),
+    "flag-time-budget-not-a-duration": Case(
+        ("--time-budget", "soon"), ("--time-budget", "'soon' is not a duration", "1h30m")
+    ),
+    "flag-time-budget-for-one-trial": Case(
+        ("--time-budget", "1h"), ("--time-budget: bounds a study",), ("local",)
+    ),
     "flag-logger-unknown": Case(("--logger", "neptune"), ("--logger", "invalid choice")),
     "flag-name-with-a-slash": Case(("--name", "a/b"), ("--name: 'a/b' must be a plain folder",)),
     "flag-name-of-an-earlier-run": Case(("--name", "earlier"), ("earlier already exists",)),
@@ -827,7 +834,18 @@ def test_local_checks_only_the_trial_and_not_the_search_space(files, tripwires, 
     assert "label_smoothing > 0 is not defined for loss 'hinge'" in error
 
 
-# Trackers: cases that need an environment. Each is
+def _stored_study(storage: Path, name: str, **search) -> None:
+    """A study's config.yaml, as a study writes it, in storage/name (no study ran)."""
+    folder = storage / name
+    folder.mkdir(parents=True)
+    config = json.loads(json.dumps(TINY_STUDY))
+    config["search"].update(search)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+LOSSES = {"choice": ["hinge", "categorical_crossentropy"]}
+
+# Trackers and growing: cases that need an environment or a stored study. Each is
 # (modes, extra arguments, environment changes, the words of the one line).
 SETTINGS = {
     "mlflow-not-installed": (
@@ -868,13 +886,25 @@ SETTINGS = {
         {"WANDB_MODE": None, "WANDB_API_KEY": None, "HOME": "@folder"},
         ("no W&B API key", "WANDB_MODE=offline"),
     ),
+    "grow-to-fewer": (
+        STUDY,
+        ("--resume", "--name", "stored", "--num-samples", "4"),
+        {"study:stored": {}},
+        ("--num-samples: 4 is fewer than the study's 6 trials",),
+    ),
+    "grow-a-grid": (
+        STUDY,
+        ("--resume", "--name", "grid", "--num-samples", "9"),
+        {"study:grid": {"searcher": "grid", "baseline": {}, "space": {"loss.name": LOSSES}}},
+        ("--num-samples: a grid study",),
+    ),
 }
 
 
 @pytest.mark.parametrize(
     ("name", "mode"), [(name, mode) for name, case in SETTINGS.items() for mode in case[0]]
 )
-def test_bad_tracker_settings_exit_2_before_anything(
+def test_bad_tracker_settings_and_growth_exit_2_before_anything(
     name, mode, files, tripwires, capsys, monkeypatch
 ):
     storage, ray_tmp = tripwires
@@ -882,6 +912,8 @@ def test_bad_tracker_settings_exit_2_before_anything(
     for key, value in changes.items():
         if key.startswith("module:"):
             monkeypatch.setitem(sys.modules, key.partition(":")[2], value)  # Not installed.
+        elif key.startswith("study:"):
+            _stored_study(storage, key.partition(":")[2], **value)
         elif value is None:
             monkeypatch.delenv(key, raising=False)
         else:

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import optuna
 import pandas as pd
@@ -329,6 +331,96 @@ def test_interrupted_then_killed_study_resumes_exactly(
     ]
     assert sorted(t.user_attrs["ray_trial_id"] for t in stored) == sorted(after.index)
     assert {t.state.name for t in stored} == {"COMPLETE"}
+
+
+def _optuna_trials(folder) -> dict[str, list]:
+    """Each Optuna study of a stratified study: its trials, in Optuna's order."""
+    storage = f"sqlite:///{folder}/optuna.db"
+    return {
+        name: optuna.load_study(study_name=name, storage=storage).trials
+        for name in optuna.study.get_all_study_names(storage)
+    }
+
+
+def _stop_at_the_budget(folder, command: list, env, log_dir) -> tuple[int, str, str]:
+    """Runs the study to its time budget with the stop landing mid-study whatever the
+    machine's speed: once a trial has completed, every running trial's worker is stopped
+    (SIGSTOP) until the budget runs out. Returns the exit code, stdout and stderr."""
+    out, err = log_dir / "budget.out", log_dir / "budget.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "study.run", *command],
+            cwd=REPO, stdout=stdout, stderr=stderr, env=env, start_new_session=True,
+        )  # fmt: skip
+        stopped: set[int] = set()
+
+        def freeze_once_one_completed() -> bool:
+            trials = read_trials(folder)
+            if (trials.status == "completed").any() and "pid" in trials:
+                running = trials[(trials.status == "running") & trials.pid.notna()]
+                for pid in set(running.pid.astype(int)) - stopped:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
+                    stopped.add(pid)
+            return driver.poll() is not None
+
+        try:
+            wait_for(freeze_once_one_completed, timeout=600, interval=0.2)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    return driver.returncode, out.read_text(), err.read_text()
+
+
+def test_a_time_budget_stops_cleanly_and_a_finished_study_grows(
+    tmp_path, study_config, cifar10_tarball, ray_env
+):
+    """`--time-budget` stops a study the way Ctrl-C does, every table whole and the study
+    resumable; a plain --resume finishes it; `--resume --num-samples` grows the finished
+    study, each loss's share growing and its Optuna study going on from its trials."""
+    config = study_config(num_samples=6, scheduler="fifo")
+    folder = tmp_path / "bounded"
+    args = [*study_args(config, cifar10_tarball, tmp_path, "bounded"), "--no-dashboard"]
+    code, stdout, stderr = _stop_at_the_budget(
+        folder, [*args, "--time-budget", "60s"], ray_env, tmp_path
+    )
+    assert code == 0, stderr[-3000:]
+    assert "time budget of 1m00s spent: stopping the study" in stdout
+    command = f"python -m study.run --resume --name bounded --storage-path {tmp_path}"
+    assert f"stopped at its time budget (1m00s); continue with: {command}" in stdout
+    assert "Stop signal received" not in stderr  # Ray's words for Ctrl-C: not what happened.
+    stopped = read_trials(folder)
+    epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
+    assert 1 <= (stopped.status == "completed").sum() < 6
+    for trial in stopped.itertuples():  # Whole: every reported epoch, once.
+        rows = epochs[epochs.trial_id == trial.trial_id]
+        assert rows.epoch.tolist() == list(range(1, trial.epochs_run + 1)), trial.trial_id
+
+    resume = ["--resume", "--name", "bounded", "--storage-path", tmp_path, "--no-dashboard"]
+    result = run_cli("study.run", *resume, env=ray_env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    finished = read_trials(folder)
+    assert len(finished) == 6 and set(finished.status) == {"completed"}
+    assert set(stopped.trial_id) <= set(finished.trial_id)
+    before = {name: len(trials) for name, trials in _optuna_trials(folder).items()}
+
+    result = run_cli("study.run", *resume, "--num-samples", "8", env=ray_env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trials per loss.name (8 in all): categorical_crossentropy 3, hinge 3, " in result.stdout
+    grown = read_trials(folder).set_index("trial_id")
+    epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
+    assert len(grown) == 8 and set(grown.status) == {"completed"}
+    assert sorted(grown["loss.name"].value_counts()) == [2, 3, 3]
+    for trial_id, rows in epochs[epochs.rerun == 0].groupby("trial_id"):
+        assert rows.epoch.tolist() == [1, 2, 3, 4], trial_id  # Each epoch once.
+    assert yaml.safe_load((folder / "config.yaml").read_text())["search"]["num_samples"] == 8
+    # The new trials were asked of the same Optuna studies, after the ones they held.
+    for name, trials in _optuna_trials(folder).items():
+        ids = [t.user_attrs["ray_trial_id"] for t in trials]
+        assert [t.number for t in trials] == list(range(len(trials)))
+        assert set(ids) == set(grown.index[grown["loss.name"] == name.split("/")[1]])
+        assert set(ids[: before[name]]) <= set(finished.trial_id)
+        assert {t.state.name for t in trials} == {"COMPLETE"}
 
 
 @pytest.mark.parametrize(

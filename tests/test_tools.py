@@ -511,3 +511,20 @@ def test_the_console_filter_drops_native_start_up_lines_only():
         "E0000 00:00:1.8   10906 model.cc:1] a real error",
         "after",
     ]
+
+
+def test_durations_read_and_print():
+    from study.console import duration, parse_duration
+
+    assert [parse_duration(t) for t in ("2h", "90m", "1h30m", "45s", "7200", "1.5h")] == [
+        7200,
+        5400,
+        5400,
+        45,
+        7200,
+        5400,
+    ]
+    for bad in ("", "soon", "2x", "h"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    assert [duration(s) for s in (12, 250, 3700, 60)] == ["12s", "4m10s", "1h01m", "1m00s"]
