@@ -377,12 +377,18 @@ def test_a_time_budget_stops_cleanly_and_a_finished_study_grows(
 ):
     """`--time-budget` stops a study the way Ctrl-C does, every table whole and the study
     resumable; a plain --resume finishes it; `--resume --num-samples` grows the finished
-    study, each loss's share growing and its Optuna study going on from its trials."""
+    study, each loss's share growing and its Optuna study going on from its trials. Each
+    run logs to MLflow, where a trial stays one run however often the study resumes."""
+    from mlflow import MlflowClient
+
     config = study_config(num_samples=6, scheduler="fifo")
     folder = tmp_path / "bounded"
     args = [*study_args(config, cifar10_tarball, tmp_path, "bounded"), "--no-dashboard"]
+    args += ["--logger", "mlflow"]
+    # MLflow's default store: the study folder's SQLite file.
+    env = {k: v for k, v in ray_env.items() if not k.startswith("MLFLOW_")}
     code, stdout, stderr = _stop_at_the_budget(
-        folder, [*args, "--time-budget", "60s"], ray_env, tmp_path
+        folder, [*args, "--time-budget", "60s"], env, tmp_path
     )
     assert code == 0, stderr[-3000:]
     assert "time budget of 1m00s spent: stopping the study" in stdout
@@ -397,14 +403,15 @@ def test_a_time_budget_stops_cleanly_and_a_finished_study_grows(
         assert rows.epoch.tolist() == list(range(1, trial.epochs_run + 1)), trial.trial_id
 
     resume = ["--resume", "--name", "bounded", "--storage-path", tmp_path, "--no-dashboard"]
-    result = run_cli("study.run", *resume, env=ray_env, timeout=600)
+    resume += ["--logger", "mlflow"]
+    result = run_cli("study.run", *resume, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     finished = read_trials(folder)
     assert len(finished) == 6 and set(finished.status) == {"completed"}
     assert set(stopped.trial_id) <= set(finished.trial_id)
     before = {name: len(trials) for name, trials in _optuna_trials(folder).items()}
 
-    result = run_cli("study.run", *resume, "--num-samples", "8", env=ray_env, timeout=600)
+    result = run_cli("study.run", *resume, "--num-samples", "8", env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trials per loss.name (8 in all): categorical_crossentropy 3, hinge 3, " in result.stdout
     grown = read_trials(folder).set_index("trial_id")
@@ -421,6 +428,13 @@ def test_a_time_budget_stops_cleanly_and_a_finished_study_grows(
         assert set(ids) == set(grown.index[grown["loss.name"] == name.split("/")[1]])
         assert set(ids[: before[name]]) <= set(finished.trial_id)
         assert {t.state.name for t in trials} == {"COMPLETE"}
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("bounded").experiment_id])
+    assert sorted(run.data.tags["ray_trial_id"] for run in runs) == sorted(grown.index)
+    for run in runs:  # One run per trial, through the stop and both resumes.
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert sorted(set(steps)) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
