@@ -194,19 +194,6 @@ def test_logical_gpus_set_concurrency_and_devices(
     assert not (tmp_path / "toomany").exists()
 
 
-def test_two_node_cluster_runs_trials_on_both(
-    tmp_path, study_config, cifar10_tarball, two_nodes, ray_env
-):
-    address = two_nodes
-    config = study_config(num_samples=4, scheduler="fifo")
-    result = run_study(
-        config, cifar10_tarball, tmp_path, "nodes", "--address", address, env=ray_env
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    trials = pd.read_csv(tmp_path / "nodes" / "trials.csv")
-    assert trials.node_id.nunique() == 2
-
-
 def _saved_state(folder) -> dict:
     """Tune's saved experiment state, per trial: (status, last epoch, its checkpoint)."""
     found = sorted(folder.glob("experiment_state-*.json"))
@@ -329,30 +316,6 @@ def test_interrupted_then_killed_study_resumes_exactly(
     ]
     assert sorted(t.user_attrs["ray_trial_id"] for t in stored) == sorted(after.index)
     assert {t.state.name for t in stored} == {"COMPLETE"}
-
-
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (["--set", "search.metric=val_loss"], "error: search.metric: unknown metric 'val_loss'"),
-        (
-            ["--set", "search.space.model.width={uniform: [0, 1]}"],
-            "error: search.space.model.width",
-        ),
-        (["--set", "search.space={}"], "error: search.space: empty"),
-        (["--gpus-per-trial", "1"], "error: --gpus-per-trial: the study has no GPUs"),
-    ],
-)
-def test_bad_study_input_exits_2_before_ray_starts(
-    tmp_path, study_config, cifar10_tarball, args, expected, ray_env
-):
-    result = run_study(
-        study_config(), cifar10_tarball, tmp_path, "bad", *args, timeout=120, env=ray_env
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "bad").exists()
 
 
 def test_more_gpus_than_the_machine_has(tmp_path, study_config, cifar10_tarball, ray_env):

@@ -253,14 +253,14 @@ def test_learns_real_cifar10_images(tmp_path):
             "data.dataset=cifar10",
             f"data.data_dir={path}",
             "model.width=0.125",
-            "training.epochs=15",
+            "training.epochs=6",
             "training.batch_size=64",
         ],
     )
     data = data_lib.load_cifar("cifar10", path)
     summary = run_local(config, data, tmp_path / "real", echo=print)
-    assert summary["status"] == "completed" and summary["epochs_run"] == 15
-    assert summary["test"]["test_accuracy"] > 0.35
+    assert summary["status"] == "completed" and summary["epochs_run"] == 6
+    assert summary["test"]["test_accuracy"] > 0.35  # 0.46 when written; chance is 0.1.
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
