@@ -114,6 +114,17 @@ def test_hinge_on_softmax_outputs_is_linear_in_the_true_class_probability():
     p_true = PROBS[np.arange(len(LABELS)), LABELS]
     expected = ((K + 1 - 2 * p_true) / K).mean()
     assert _keras_value(config, PROBS) == pytest.approx(expected, rel=1e-5)
-    # On linear scores some margins are met (no loss from them): not the same function.
-    met = (1 - _signed(ONE_HOT) * SCORES) <= 0
-    assert met.any()
+    # On linear scores, where margins can be met, the same loss is not that line.
+    config = LossConfig(name="hinge")
+    on_scores = _keras_value(config, SCORES)
+    assert on_scores != pytest.approx(((K + 1 - 2 * SCORES[np.arange(8), LABELS]) / K).mean())
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_targets_are_encoded_as_each_loss_declares(name):
+    """-1/+1 for the one-vs-all hinges, one-hot for the rest. (Keras' Hinge would turn 0/1
+    targets into -1/+1 by itself, so the loss values alone could not tell.)"""
+    targets = np.asarray(target_encoder(LossConfig(name=name), K)(LABELS))
+    expected = _signed(ONE_HOT) if LOSSES[name].targets == "signed" else ONE_HOT
+    np.testing.assert_array_equal(targets, expected)
+    assert LOSSES[name].targets == ("signed" if name in ("hinge", "squared_hinge") else "one_hot")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -54,6 +55,14 @@ def test_local_run_writes_its_folder_and_learns(tmp_path, cifar10):
         "epoch_seconds",
     ):
         assert all(np.isfinite(float(row[key])) for row in rows), key
+    # The default cosine schedule over 3 epochs, read at each epoch's end.
+    rates = [float(row["learning_rate"]) for row in rows]
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * epoch / 3)) for epoch in (1, 2, 3)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-4, atol=1e-9)
+    # Images per second count the 350 training images (400 less 50 for validation), timed
+    # over training alone, which is part of the epoch.
+    for row in rows:
+        assert float(row["images_per_second"]) * float(row["epoch_seconds"]) >= 350
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "completed" and result["epochs_run"] == 3
     assert result["best_val_accuracy"] == max(float(row["val_accuracy"]) for row in rows)
@@ -77,8 +86,12 @@ def test_checkpoint_restores_weights_and_optimizer_state(tmp_path, cifar10):
     assert int(restored.optimizer.iterations) == int(model.optimizer.iterations) == 2
     for a, b in zip(model.weights, restored.weights, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    momenta = [np.asarray(v) for v in restored.optimizer.variables if "momentum" in v.path]
-    assert momenta and any(np.abs(m).sum() > 0 for m in momenta)
+    # Every optimizer slot, each in its place (and the momenta really moved).
+    pairs = list(zip(model.optimizer.variables, restored.optimizer.variables, strict=True))
+    for saved, loaded in pairs:
+        assert saved.path.split("/", 1)[1] == loaded.path.split("/", 1)[1]
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(loaded))
+    assert any(np.abs(np.asarray(v)).sum() > 0 for v, _ in pairs if "momentum" in v.path)
 
 
 def test_resume_continues_at_the_right_epoch(cifar10):
