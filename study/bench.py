@@ -224,12 +224,12 @@ def model_variants(config: TrialConfig, gpu: bool, factors=FACTORS) -> list[Vari
 
 
 def _one_batch(config: TrialConfig, data: data_lib.CifarData, batch_size: int):
-    from study.losses import target_encoder
+    from study.losses import target_table
 
-    encode = target_encoder(config.loss, config.data.num_classes)
+    targets = target_table(config.loss, config.data.num_classes)
     index = np.arange(batch_size) % len(data.y_train)
     images = data.x_train[index]  # uint8, as the trial's pipeline hands them to the model
-    return images, np.asarray(encode(data.y_train[index]))
+    return images, targets[data.y_train[index]]
 
 
 @dataclass

@@ -155,7 +155,8 @@ class TrainingConfig(_Section):
     eval_batch_size: int = Field(default=1024, ge=1, le=65_536)
     # Save model.keras every this many epochs (and always after the last one).
     checkpoint_every: int = Field(default=1, ge=1)
-    # "auto": on when a GPU is visible, off on CPU (where they slow training down).
+    # "auto": on when a GPU is visible, off on CPU (where they slow training down; JAX
+    # compiles on CPU as well, see `resolve`).
     mixed_precision: bool | Literal["auto"] = "auto"
     jit_compile: bool | Literal["auto"] = "auto"
     # Training steps per call into TensorFlow; "auto": 16 with a GPU, where it saves the
@@ -163,15 +164,16 @@ class TrainingConfig(_Section):
     # the same either way; a divergence is noticed at the end of an execution.
     steps_per_execution: Annotated[int, Field(ge=1, le=1_000)] | Literal["auto"] = "auto"
 
-    def resolve(self, gpu: bool) -> dict:
-        """What the "auto" settings mean on a machine with or without a GPU."""
+    def resolve(self, gpu: bool, backend: str = "tensorflow") -> dict:
+        """What the "auto" settings mean on a machine with or without a GPU. On CPU, JAX
+        compiles too: uncompiled, it runs op by op, several times slower."""
 
         def pick(value, with_gpu, without_gpu):
             return (with_gpu if gpu else without_gpu) if value == "auto" else value
 
         return {
             "mixed_precision": pick(self.mixed_precision, True, False),
-            "jit_compile": pick(self.jit_compile, True, False),
+            "jit_compile": pick(self.jit_compile, True, backend != "tensorflow"),
             "steps_per_execution": pick(self.steps_per_execution, GPU_STEPS_PER_EXECUTION, 1),
         }
 

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
+from study import backend
 from study import data as data_lib
 from study.config import METRIC, TrialConfig
-from study.losses import build_loss, target_encoder
+from study.losses import build_loss, target_table
 from study.model import build_model
 from study.optimizers import build_optimizer
+from study.pipeline import Batches, FollowEpochs
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
@@ -38,17 +39,13 @@ class Outcome:
 
 
 def configure_devices(config: TrialConfig) -> dict:
-    """Memory growth on every GPU; mixed precision, XLA and several steps per execution on
-    GPUs unless the config says otherwise."""
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        # Trials may share a GPU: take memory as needed instead of all of it at start.
-        tf.config.experimental.set_memory_growth(gpu, True)
-    chosen = config.training.resolve(gpu=bool(gpus))
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if chosen["mixed_precision"] else "float32"
-    )
-    return {"gpus": len(gpus), **chosen}
+    """GPU memory as needed (trials may share a GPU); mixed precision, compilation and
+    several steps per execution on GPUs unless the config says otherwise."""
+    devices = backend.configure()
+    chosen = config.training.resolve(gpu=devices.gpus > 0, backend=devices.backend)
+    policy = backend.mixed_policy(devices.capability) if chosen["mixed_precision"] else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return {"backend": devices.backend, "gpus": devices.gpus, "policy": policy, **chosen}
 
 
 def compile_model(
@@ -145,20 +142,14 @@ class EpochReporter(keras.callbacks.Callback):
 
 
 def _datasets(config: TrialConfig, splits: data_lib.Splits):
-    encode = target_encoder(config.loss, config.data.num_classes)
-    train = data_lib.make_dataset(
-        splits.x_train,
-        splits.y_train,
-        batch_size=config.training.batch_size,
-        encode_targets=encode,
-        shuffle=True,
-        seed=config.seed,
+    """Training batches shuffled by the trial's seed and the epoch; evaluation in order."""
+    targets = target_table(config.loss, config.data.num_classes)
+    train = Batches(
+        splits.x_train, splits.y_train, config.training.batch_size, targets, seed=config.seed
     )
 
     def evaluation(images, labels):
-        return data_lib.make_dataset(
-            images, labels, batch_size=config.training.eval_batch_size, encode_targets=encode
-        )
+        return Batches(images, labels, config.training.eval_batch_size, targets)
 
     return train, evaluation(splits.x_val, splits.y_val), evaluation(splits.x_test, splits.y_test)
 
@@ -181,7 +172,7 @@ def train_and_evaluate(
     devices = configure_devices(config)
     splits = data_lib.split(data, config.data, seed=config.data.split_seed)
     train, validation, test = _datasets(config, splits)
-    steps_per_epoch = math.ceil(len(splits.y_train) / config.training.batch_size)
+    steps_per_epoch = len(train)
     model = compile_for_devices(config, steps_per_epoch, devices)
     initial_epoch, warning = 0, None
     if checkpoint:
@@ -201,8 +192,8 @@ def train_and_evaluate(
         validation_data=validation,
         epochs=config.training.epochs,
         initial_epoch=initial_epoch,
-        callbacks=[reporter],
-        shuffle=False,  # The tf.data pipeline shuffles, every epoch.
+        callbacks=[FollowEpochs(train), reporter],
+        shuffle=False,  # The batches shuffle, by seed and epoch.
         verbose=0,
     )
     if reporter.diverged_at is not None:
@@ -244,6 +235,7 @@ def _placement() -> dict:
     return {
         "node_id": context.get_node_id(),
         "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids()),
+        "keras_backend": keras.backend.backend(),
     }
 
 

@@ -108,6 +108,8 @@ def test_auto_training_settings_follow_the_device():
         "jit_compile": False,
         "steps_per_execution": 1,
     }
+    # Uncompiled JAX runs op by op: it compiles on CPU too.
+    assert auto.resolve(gpu=False, backend="jax")["jit_compile"] is True
     chosen = load_config(
         None, ["training.mixed_precision=false", "training.steps_per_execution=4"]
     ).training
