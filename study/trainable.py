@@ -18,7 +18,7 @@ import keras
 
 from study import backend
 from study import data as data_lib
-from study.config import METRIC, TrialConfig
+from study.config import METRIC, TrainingConfig, TrialConfig
 from study.losses import build_loss, target_table
 from study.model import build_model
 from study.optimizers import build_optimizer
@@ -83,6 +83,27 @@ def restore_checkpoint(model: keras.Model, directory: Path) -> int:
     return json.loads((directory / STATE_FILE).read_text())["epoch"]
 
 
+class CheckpointCadence:
+    """Which epoch ends save a checkpoint: every `checkpoint_every` epochs, or under
+    "auto" the first epoch end at least `checkpoint_seconds` after the start or the last
+    checkpoint; the last epoch always."""
+
+    def __init__(self, training: TrainingConfig, clock=time.monotonic):
+        self.every, self.seconds = training.checkpoint_every, training.checkpoint_seconds
+        self.epochs, self.clock = training.epochs, clock
+        self.start()
+
+    def start(self) -> None:
+        self.last = self.clock()
+
+    def due(self, epochs_done: int) -> bool:
+        if epochs_done == self.epochs:
+            return True
+        if self.every == "auto":
+            return self.clock() - self.last >= self.seconds
+        return epochs_done % self.every == 0
+
+
 class EpochReporter(keras.callbacks.Callback):
     """Times each epoch, stops at a non-finite loss, checkpoints and hands metrics on."""
 
@@ -99,6 +120,10 @@ class EpochReporter(keras.callbacks.Callback):
         self.history: list[dict] = []
         self.diverged_at: tuple[int, int] | None = None
         self.final: tuple[dict, Path | None] | None = None
+        self.cadence = CheckpointCadence(config.training)
+
+    def on_train_begin(self, logs=None):
+        self.cadence.start()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -133,8 +158,9 @@ class EpochReporter(keras.callbacks.Callback):
         self.history.append(metrics)
         last = done == self.config.training.epochs
         checkpoint = None
-        if last or done % self.config.training.checkpoint_every == 0:
+        if self.cadence.due(done):
             checkpoint = save_checkpoint(self.model, done, Path(tempfile.mkdtemp()) / "checkpoint")
+            self.cadence.start()
         if last:
             self.final = (metrics, checkpoint)  # Reported with the test metrics, after fit.
         else:

@@ -74,11 +74,12 @@ def cifar10_tarball(tmp_path_factory) -> Path:
     return synthetic.write_cifar(folder / "cifar-10-python.tar.gz", "cifar10", 40, 10)
 
 
-# 4 epochs of a tiny model on 200 images; ASHA may stop trials after epoch 1 or 2.
+# 4 epochs of a tiny model on 200 images; ASHA may stop trials after epoch 1 or 2. A
+# checkpoint every epoch (not by time, the default): the resume and fault tests count on it.
 TINY_STUDY = {
     "data": {"dataset": "cifar10", "train_subset": 200, "test_subset": 50, "validation_size": 50},
     "model": {"width": 0.0625},
-    "training": {"epochs": 4, "batch_size": 50, "eval_batch_size": 100},
+    "training": {"epochs": 4, "batch_size": 50, "eval_batch_size": 100, "checkpoint_every": 1},
     "search": {
         "num_samples": 6,
         "grace_period": 1,
