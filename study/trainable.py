@@ -132,6 +132,8 @@ class EpochReporter(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None):
         if self.train_seconds is None:
+            # JAX dispatches steps ahead of the device: wait for the last one to finish.
+            keras.ops.convert_to_numpy(self.model.optimizer.iterations)
             self.train_seconds = time.perf_counter() - self.started
 
     def on_train_batch_end(self, batch, logs=None):
