@@ -9,6 +9,7 @@ driver, which never imports TensorFlow, can call them.
 import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ SUPPORTED = ("tensorflow", "jax")
 # Of a trial's share of a GPU, the part that JAX may allocate: every process also holds a
 # CUDA context outside JAX's allocator.
 JAX_MEMORY_HEADROOM = 0.9
+JAX_MEMORY_VARIABLES = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
 def configured_name() -> str:
@@ -51,11 +53,11 @@ def jax_memory_env(gpu_share: float | None = None) -> dict[str, str]:
     return env
 
 
-def worker_env(gpu_share: float | None = None) -> dict[str, str]:
-    """The environment every Ray worker of a study gets: the driver's Keras backend and,
-    for JAX, its memory settings (TensorFlow ignores them). Values the user set win."""
-    env = {"KERAS_BACKEND": configured_name(), **jax_memory_env(gpu_share)}
-    return {key: os.environ.get(key, value) for key, value in env.items()}
+def worker_env() -> dict[str, str]:
+    """The environment every Ray worker of a study gets: the driver's Keras backend, and
+    JAX memory settings where the user set them (else each trial picks its own)."""
+    passed = {key: os.environ[key] for key in JAX_MEMORY_VARIABLES if key in os.environ}
+    return {"KERAS_BACKEND": configured_name(), **passed}
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,25 @@ class Devices:
 
 def configure(gpu_share: float | None = None) -> Devices:
     """Prepares this process's devices before the backend first touches one: TensorFlow
-    grows GPU memory as needed instead of taking it all; JAX gets `jax_memory_env`."""
+    grows GPU memory as needed instead of taking it all; JAX gets `jax_memory_env` for
+    `gpu_share`, by default the share of a GPU that Ray gave this trial."""
     import keras
 
     if _supported(keras.backend.backend()) == "tensorflow":
         return _tensorflow_devices()
-    for key, value in jax_memory_env(gpu_share).items():
+    share = _ray_gpu_share() if gpu_share is None else gpu_share
+    for key, value in jax_memory_env(share).items():
         os.environ.setdefault(key, value)  # Read when JAX first starts its GPU client.
     return _jax_devices()
+
+
+def _ray_gpu_share() -> float | None:
+    """The GPUs that Ray assigned this process's trial (0.25: a quarter of one), if it runs
+    in a Ray worker. Ray is not imported here: a trial under Ray has imported it."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_assigned_resources().get("GPU")
 
 
 def _tensorflow_devices() -> Devices:
