@@ -1,6 +1,7 @@
 """Shared fixtures: small CIFAR tarballs in the official format, and the real samples."""
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,45 @@ def run_cli(module: str, *args, env=None, timeout=900) -> subprocess.CompletedPr
     return subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+BACKENDS = ("tensorflow", "jax")
+
+
+def on_backends(module: str, function: str, *args, timeout=900) -> dict:
+    """`module.function(*args)` with Keras on each backend, each in a new process (Keras
+    fixes its backend per process), all at once: compiling is mostly single-threaded, so
+    they overlap. Arguments and results travel as JSON; returns {backend: result}."""
+    code = (
+        "import importlib, json, os, keras\n"
+        "assert keras.backend.backend() == os.environ['KERAS_BACKEND'], keras.backend.backend()\n"
+        f"result = getattr(importlib.import_module({module!r}), {function!r})(*{args!r})\n"
+        "print('RESULT ' + json.dumps(result))"
+    )
+    # Tests compile many small programs once each: LLVM's optimisations of the compiled
+    # code cost more time than they save (two thirds of JAX's compile time here).
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "XLA_FLAGS": flags, "KERAS_BACKEND": name},
+        )
+        for name in BACKENDS
+    }
+    results = {}
+    for name, process in processes.items():
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            process.kill()
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        assert process.returncode == 0 and lines, f"{name}: {stderr[-3000:]}"
+        results[name] = json.loads(lines[-1].removeprefix("RESULT "))
+    return results
 
 
 def start_cli(module: str, *args, env=None, output=subprocess.DEVNULL) -> subprocess.Popen:
