@@ -91,7 +91,10 @@ def _ray_gpu_share() -> float | None:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return None
-    return ray.get_runtime_context().get_assigned_resources().get("GPU")
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:  # The driver: resources are assigned to trials only.
+        return None
+    return context.get_assigned_resources().get("GPU")
 
 
 def _tensorflow_devices() -> Devices:

@@ -201,6 +201,11 @@ def test_a_trial_under_ray_takes_its_share_of_the_gpu(monkeypatch):
     """On JAX, a trial that Ray gave a quarter of a GPU caps its memory at that share."""
 
     class Context:
+        actor_id = "a trial's actor"
+
+        def get_actor_id(self):
+            return self.actor_id
+
         def get_assigned_resources(self):
             return {"CPU": 1.0, "GPU": 0.25}
 
@@ -213,5 +218,7 @@ def test_a_trial_under_ray_takes_its_share_of_the_gpu(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "ray", FakeRay())
     assert backend._ray_gpu_share() == 0.25
+    Context.actor_id = None  # The driver: no share of its own.
+    assert backend._ray_gpu_share() is None
     monkeypatch.delitem(sys.modules, "ray")
     assert backend._ray_gpu_share() is None  # Not under Ray: the trial has the whole GPU.
