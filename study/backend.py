@@ -130,6 +130,41 @@ def _jax_devices() -> Devices:
     )
 
 
+def fit_input(batches) -> tuple[object, list]:
+    """What `model.fit` (or `evaluate`) reads for `batches`, and the callbacks it needs:
+    the same batches, in the same order, on every backend. JAX reads the PyDataset; on
+    TensorFlow, where Keras would feed a PyDataset through a Python generator at half
+    tf.data's rate, tf.data gathers the rows that the batches choose."""
+    import keras
+
+    from study.pipeline import FollowEpochs
+
+    callbacks = [] if batches.seed is None else [FollowEpochs(batches)]
+    if keras.backend.backend() != "tensorflow":
+        return batches, callbacks
+    return _tf_dataset(batches), callbacks
+
+
+def _tf_dataset(batches):
+    """`batches` as tf.data: one batch per index, its rows from the batches (the current
+    epoch's order), gathered by TensorFlow. A fresh pass each epoch, of known length."""
+    import numpy as np
+    import tensorflow as tf
+
+    images, labels = tf.constant(batches.images), tf.constant(batches.labels)
+    targets, count = tf.constant(batches.targets), len(batches.labels)
+
+    def rows(index):
+        return np.arange(count, dtype=np.int64)[batches.rows(int(index))]
+
+    def gather(index):
+        chosen = tf.ensure_shape(tf.numpy_function(rows, [index], tf.int64), [None])
+        return tf.gather(images, chosen), tf.gather(targets, tf.gather(labels, chosen))
+
+    indices = tf.data.Dataset.range(len(batches))
+    return indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
 def mixed_policy(capability: tuple[int, int] | None) -> str:
     """Mixed precision's Keras policy: bfloat16 where the GPU computes it natively (compute
     capability 8.0, Ampere, and newer) and on CPU; float16, which Keras trains with loss

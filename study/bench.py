@@ -378,12 +378,12 @@ def measure_pipeline(config: TrialConfig, splits: data_lib.Splits, sizes: Sizes)
 
 
 def measure_keras_loop(config: TrialConfig, splits, devices: backend.Devices) -> float:
-    """Images/s of the trial's training input through Keras's own training loop, into a
-    trivial model (pooling and one dense layer): the input and the loop, not the network."""
+    """Images/s of the trial's training input as fit reads it on this backend (tf.data on
+    TensorFlow), through Keras's own training loop into a trivial model (pooling and one
+    dense layer): the input and the loop, not the network."""
     import keras
 
     from study import trainable
-    from study.pipeline import FollowEpochs
 
     keras.backend.clear_session()
     train, _, _ = trainable._datasets(config, splits)
@@ -398,7 +398,8 @@ def measure_keras_loop(config: TrialConfig, splits, devices: backend.Devices) ->
         steps_per_execution=chosen["steps_per_execution"],
     )
     clock = epoch_clock()
-    model.fit(train, epochs=2, callbacks=[FollowEpochs(train), clock], shuffle=False, verbose=0)
+    train_input, callbacks = backend.fit_input(train)
+    model.fit(train_input, epochs=2, callbacks=[*callbacks, clock], shuffle=False, verbose=0)
     return len(splits.y_train) / clock.durations[-1]  # Epoch 1 traces; epoch 2 is timed.
 
 
@@ -459,7 +460,6 @@ def run_bare(config: TrialConfig, data) -> dict[str, list[float]]:
     import keras
 
     from study import trainable
-    from study.pipeline import FollowEpochs
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
@@ -468,11 +468,12 @@ def run_bare(config: TrialConfig, data) -> dict[str, list[float]]:
     train, validation, _ = trainable._datasets(config, splits)
     model = trainable.compile_for_devices(config, len(train), devices)
     clock = epoch_clock()
+    train_input, callbacks = backend.fit_input(train)
     model.fit(
-        train,
-        validation_data=validation,
+        train_input,
+        validation_data=backend.fit_input(validation)[0],
         epochs=config.training.epochs,
-        callbacks=[FollowEpochs(train), clock],
+        callbacks=[*callbacks, clock],
         shuffle=False,
         verbose=0,
     )

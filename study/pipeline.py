@@ -47,14 +47,18 @@ class Batches(keras.utils.PyDataset):
         # Keras calls this after each pass; `FollowEpochs` then pins the exact epoch.
         self.set_epoch(self.epoch + 1)
 
-    def __getitem__(self, index: int):
+    def rows(self, index: int):
+        """Which images batch `index` of the current epoch holds: a slice in order (a view,
+        no copy), or rows of the epoch's permutation."""
         start = index * self.batch_size
-        if self.seed is None:  # In order: slices are views, no copy.
-            rows = slice(start, start + self.batch_size)
-        else:
-            if self._order is None:
-                self._order = epoch_order(len(self.labels), self.seed, self.epoch)
-            rows = self._order[start : start + self.batch_size]
+        if self.seed is None:
+            return slice(start, start + self.batch_size)
+        if self._order is None:
+            self._order = epoch_order(len(self.labels), self.seed, self.epoch)
+        return self._order[start : start + self.batch_size]
+
+    def __getitem__(self, index: int):
+        rows = self.rows(index)
         return self.images[rows], self.targets[self.labels[rows]]
 
 

@@ -22,7 +22,7 @@ from study.config import METRIC, TrainingConfig, TrialConfig
 from study.losses import build_loss, target_table
 from study.model import build_model
 from study.optimizers import build_optimizer
-from study.pipeline import Batches, FollowEpochs
+from study.pipeline import Batches
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
@@ -215,12 +215,13 @@ def train_and_evaluate(
             keras.utils.set_random_seed(config.seed)
             model = compile_for_devices(config, steps_per_epoch, devices)
     reporter = EpochReporter(sink, config, len(splits.y_train), warning)
+    train_input, callbacks = backend.fit_input(train)
     model.fit(
-        train,
-        validation_data=validation,
+        train_input,
+        validation_data=backend.fit_input(validation)[0],
         epochs=config.training.epochs,
         initial_epoch=initial_epoch,
-        callbacks=[FollowEpochs(train), reporter],
+        callbacks=[*callbacks, reporter],
         shuffle=False,  # The batches shuffle, by seed and epoch.
         verbose=0,
     )
@@ -230,7 +231,7 @@ def train_and_evaluate(
         return Outcome("diverged", reporter.history, message=message)
     test_metrics = {}
     if evaluate_test:
-        test_loss, test_accuracy = model.evaluate(test, verbose=0)
+        test_loss, test_accuracy = model.evaluate(backend.fit_input(test)[0], verbose=0)
         test_metrics = {"test_loss": float(test_loss), "test_accuracy": float(test_accuracy)}
     if reporter.final is not None:
         metrics, final_checkpoint = reporter.final

@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import pytest
 
+from study import backend
 from study.config import LossConfig
 from study.losses import target_table
-from study.pipeline import Batches, FollowEpochs, epoch_order
+from study.pipeline import Batches, epoch_order
 
 
 def _numbered(count):
@@ -54,27 +55,33 @@ def test_order_depends_only_on_the_seed_and_the_epoch():
     assert not np.array_equal(_epoch(other), orders[0])  # and another for another seed.
 
 
-class _Recording(Batches):
-    def __getitem__(self, index):
-        images, targets = super().__getitem__(index)
-        self.seen.setdefault(self.epoch, []).extend(images[:, 0, 0, 0].tolist())
-        return images, targets
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_fit_from_a_later_epoch_trains_on_that_epochs_order(steps_per_execution):
+    """What the model trains on, as this backend's fit reads it (tf.data on TensorFlow):
+    each epoch's order, whole and once, also when fit resumes at epoch 2 (although Keras
+    looks at a first batch before it trains) and when an execution of 2 steps would run
+    past an epoch of 3 batches."""
+    batches = Batches(_numbered(24), np.zeros(24, int), 8, np.eye(2), seed=5)
+    seen = []
 
+    class Record(keras.layers.Layer):
+        def call(self, images, training=None):
+            if training and not isinstance(images, keras.KerasTensor):
+                seen.extend(keras.ops.convert_to_numpy(images)[:, 0, 0, 0].tolist())
+            return images
 
-def test_fit_from_a_later_epoch_sees_that_epochs_order():
-    """Keras starts and ends a pass of its own before training; FollowEpochs still gives
-    each epoch its own order, also when fit resumes at epoch 2."""
-    batches = _Recording(_numbered(24), np.zeros(24, int), 8, np.eye(2), seed=5)
-    batches.seen = {}
     inputs = keras.Input((32, 32, 3), dtype="uint8")
-    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    scaled = keras.layers.Rescaling(1 / 255)(Record()(inputs))
+    pooled = keras.layers.GlobalAveragePooling2D()(scaled)
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(pooled))
-    model.compile(optimizer="sgd", loss="categorical_crossentropy")
-    # shuffle=False: Keras would shuffle the batches' order with Python's own generator.
-    callbacks = [FollowEpochs(batches)]
-    model.fit(batches, epochs=4, initial_epoch=2, callbacks=callbacks, shuffle=False, verbose=0)
-    for epoch in (2, 3):
-        assert batches.seen[epoch] == epoch_order(24, 5, epoch).tolist()
+    model.compile(
+        optimizer="sgd", loss="categorical_crossentropy", run_eagerly=True,
+        steps_per_execution=steps_per_execution,
+    )  # fmt: skip
+    data, callbacks = backend.fit_input(batches)
+    # shuffle=False: Keras would shuffle a PyDataset's batches with Python's own generator.
+    model.fit(data, epochs=4, initial_epoch=2, callbacks=callbacks, shuffle=False, verbose=0)
+    assert seen == [*epoch_order(24, 5, 2), *epoch_order(24, 5, 3)]
 
 
 def test_mismatched_images_and_labels_are_refused():
