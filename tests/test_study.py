@@ -3,6 +3,7 @@
 Slow (each starts Ray): about a minute per study on 2 cores.
 """
 
+import json
 import os
 import signal
 import sys
@@ -82,6 +83,21 @@ def test_study_searches_stops_early_and_writes_its_tables(
     # The final table: the best trial of each loss.
     for loss in set(trials["loss.name"]):
         assert loss in result.stdout
+
+
+def test_a_study_runs_on_jax(tmp_path, study_config, cifar10_tarball, ray_env):
+    """KERAS_BACKEND=jax on the driver: every trial, in its Ray worker, trains on JAX."""
+    env = {**ray_env, "KERAS_BACKEND": "jax"}
+    config = study_config(num_samples=3, scheduler="fifo")
+    result = run_study(config, cifar10_tarball, tmp_path, "jax", "--no-dashboard", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "jax" / "trials.csv", dtype={"trial_id": str})
+    assert len(trials) == 3 and set(trials.status) == {"completed"}
+    assert (trials.best_val_accuracy > 0.1).all()  # Above chance for 10 classes.
+    for trial_id in trials.trial_id:
+        results = (tmp_path / "jax" / f"trial_{trial_id}" / "result.json").read_text()
+        reports = [json.loads(line) for line in results.splitlines()]
+        assert {report["keras_backend"] for report in reports} == {"jax"}, trial_id
 
 
 def test_logical_gpus_set_concurrency_and_devices(
