@@ -1003,13 +1003,19 @@ def _model_lines(section: dict) -> list[str]:
 
 def _pipeline_lines(section: dict) -> list[str]:
     verdict = "the bottleneck" if section["bottleneck"] else "not the bottleneck"
+    if section["ratio_to_model"] is None:
+        compared = "   (the model section, not run, would give the model's rate to compare)"
+    else:
+        compared = (
+            f"   the model trains {_number(section['model_images_per_second'])}: ratio "
+            f"{_number(section['ratio_to_model'], 1)} (the slower of the two), {verdict}"
+        )
     lines = [
         "2. Input pipeline (the trial's training batches: NumPy gathers from memory)",
         f"   alone {_number(section['images_per_second'])} images/s over "
         f"{section['images']:,} images; through Keras's training loop (a trivial model) "
         f"{_number(section['keras_loop_images_per_second'])}",
-        f"   the model trains {_number(section['model_images_per_second'])}: ratio "
-        f"{_number(section['ratio_to_model'], 1)} (the slower of the two), {verdict}",
+        compared,
         f"   each epoch's first batch after {1000 * section['first_batch_seconds']:.1f} ms "
         "(the epoch's order drawn)",
     ]

@@ -129,7 +129,27 @@ def work_model(spec: dict) -> dict:
         runs = [bench.time_run(prepared) for _ in range(sizes.runs)]
         rows.append({**asdict(variant), "images_per_second": statistics.median(runs), "runs": runs})
         keras.backend.clear_session()
-    return {"policy": devices["policy"], "rows": rows, "peak_bytes": backend.peak_memory_bytes()}
+    return {
+        "policy": devices["policy"],
+        "rows": rows,
+        "peak_bytes": backend.peak_memory_bytes(),
+        "numpy_augment_images_per_second": _numpy_augment_rate(data, config.training.batch_size),
+    }
+
+
+def _numpy_augment_rate(data, batch_size: int, batches: int = 20) -> float:
+    """Images/s of the same augmentation done on the host with NumPy (one thread): the
+    other place it could run, which a GPU trial would have to keep up with."""
+    import numpy as np
+
+    from study.bench import numpy_flip_shift
+
+    rng = np.random.default_rng(0)
+    images = data.x_train[:batch_size]
+    started = time.perf_counter()
+    for _ in range(batches):
+        numpy_flip_shift(images, rng)
+    return batches * len(images) / (time.perf_counter() - started)
 
 
 def work_trial(spec: dict) -> dict:
@@ -333,6 +353,11 @@ def format_table(results: dict) -> str:
         augment = "with augmentation" if row["augment"] else "no augmentation  "
         rate = row["images_per_second"]
         lines.append(f"   batch {row['batch_size']}, {augment}: {rate:,.0f} images/s")
+    if "numpy_augment_images_per_second" in model:
+        rate = model["numpy_augment_images_per_second"]
+        lines.append(
+            f"   the same augmentation with NumPy on one host thread: {rate:,.0f} images/s"
+        )
     if "error" in model:
         lines.append(f"   failed: {model['error'][:200]}")
     trial = sections.get("trial", {})

@@ -8,10 +8,11 @@ import sys
 from study import gpu_bench
 from study.config import load_config
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, require_jax, run_cli
 
 
 def test_quick_run_measures_every_section_without_tensorflow_or_ray(tmp_path):
+    require_jax()
     out = tmp_path / "gpu-bench.json"
     result = run_cli("study.gpu_bench", "--quick", "--out", out, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -32,11 +33,13 @@ def test_quick_run_measures_every_section_without_tensorflow_or_ray(tmp_path):
 
 
 def test_a_run_cut_off_by_its_budget_still_reports(tmp_path):
+    require_jax()
     out = tmp_path / "gpu-bench.json"
     result = run_cli("study.gpu_bench", "--quick", "--budget", "3", "--out", out, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     sections = json.loads(out.read_text())["sections"]
     assert sections["model"]["error"] == "cut off: out of the time budget"
+    assert sections["trial"]["error"] == "cut off: out of the time budget"
     assert sections["packing"]["2"] == {"skipped": "out of the time budget"}
 
 

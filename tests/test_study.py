@@ -16,6 +16,7 @@ import yaml
 from .conftest import (
     free_port,
     read_trials,
+    require_jax,
     run_cli,
     start_cli,
     study_args,
@@ -87,6 +88,7 @@ def test_study_searches_stops_early_and_writes_its_tables(
 
 def test_a_study_runs_on_jax(tmp_path, study_config, cifar10_tarball, ray_env):
     """KERAS_BACKEND=jax on the driver: every trial, in its Ray worker, trains on JAX."""
+    require_jax()
     env = {**ray_env, "KERAS_BACKEND": "jax"}
     config = study_config(num_samples=3, scheduler="fifo")
     result = run_study(config, cifar10_tarball, tmp_path, "jax", "--no-dashboard", env=env)
