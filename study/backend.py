@@ -1,4 +1,4 @@
-"""The one place that knows which Keras backend runs: devices, GPU memory, mixed precision.
+"""The one place that knows which Keras backend runs: devices, memory, precision, input.
 
 Everything else in the study is plain Keras (`keras.ops`, `model.fit`, a `PyDataset`), so
 a trial runs on TensorFlow (the default) or on JAX (`KERAS_BACKEND=jax`, Keras's own

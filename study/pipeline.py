@@ -34,14 +34,13 @@ class Batches(keras.utils.PyDataset):
         self.targets = np.asarray(targets, dtype="float32")
         self.seed = seed
         self.epoch = 0
-        self._order = None
+        self._order = (None, None)  # (epoch, its permutation), replaced as one.
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch or self._order is None:
-            self.epoch, self._order = epoch, None
+        self.epoch = epoch
 
     def on_epoch_end(self):
         # Keras calls this after each pass; `FollowEpochs` then pins the exact epoch.
@@ -49,13 +48,17 @@ class Batches(keras.utils.PyDataset):
 
     def rows(self, index: int):
         """Which images batch `index` of the current epoch holds: a slice in order (a view,
-        no copy), or rows of the epoch's permutation."""
+        no copy), or rows of the epoch's permutation. Safe from several threads (tf.data
+        calls it so): the permutation is cached with the epoch it belongs to."""
         start = index * self.batch_size
         if self.seed is None:
             return slice(start, start + self.batch_size)
-        if self._order is None:
-            self._order = epoch_order(len(self.labels), self.seed, self.epoch)
-        return self._order[start : start + self.batch_size]
+        epoch = self.epoch
+        cached, order = self._order
+        if cached != epoch:
+            order = epoch_order(len(self.labels), self.seed, epoch)
+            self._order = (epoch, order)
+        return order[start : start + self.batch_size]
 
     def __getitem__(self, index: int):
         rows = self.rows(index)
