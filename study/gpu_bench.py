@@ -117,8 +117,8 @@ def work_model(spec: dict) -> dict:
     config, data = _load(spec)
     devices = configure_devices(config)  # As the trial would: memory, precision.
     keras.mixed_precision.set_global_policy("float32")
-    steps = len(data_lib.split(data, config.data, seed=config.data.split_seed).y_train)
-    steps_per_epoch = -(-steps // config.training.batch_size)  # The trial's schedule.
+    images = len(data_lib.split(data, config.data, seed=config.data.split_seed).y_train)
+    steps_per_epoch = -(-images // config.training.batch_size)  # The trial's schedule.
     sizes = replace(bench.SIZES["gpu"], **spec["sizes"])
     rows = []
     for augment in (False, True):
