@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from study import backend, results
 from study import data as data_lib
-from study import results
 from study.config import MODE, ConfigError, flatten
 from study.search_config import ONE_GPU, StudyConfig, load_study
 
@@ -135,20 +135,23 @@ def resources(study: StudyConfig, options: StudyOptions) -> tuple[dict, int | No
 
 
 def connect(options: StudyOptions):
-    """Starts a local Ray (dashboard on 127.0.0.1, token auth on) or joins a cluster."""
+    """Starts a local Ray (dashboard on 127.0.0.1, token auth on) or joins a cluster; every
+    worker gets the driver's Keras backend."""
     if options.address and "RAY_AUTH_MODE" not in os.environ and _token_available():
         # Ray turns token auth on by itself only for address="auto"; for host:port and
         # ray:// it must be told before it is imported (it caches its config).
         os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
+    runtime_env = {"env_vars": backend.worker_env()}
     if options.address:
-        context = ray.init(address=options.address, log_to_driver=False)
+        context = ray.init(address=options.address, log_to_driver=False, runtime_env=runtime_env)
     else:
         context = ray.init(
             include_dashboard=options.dashboard,
             dashboard_host=options.dashboard_host,
             log_to_driver=False,
+            runtime_env=runtime_env,
         )
     url = getattr(context, "dashboard_url", None)
     if url:

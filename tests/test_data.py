@@ -1,4 +1,4 @@
-"""Reading the official files safely, splitting, and the tf.data input pipeline."""
+"""Reading the official files safely, and splitting."""
 
 import hashlib
 import io
@@ -305,56 +305,6 @@ def test_subsets_and_sizes_too_large():
         data_lib.split(data, DataConfig(validation_size=200), seed=0)
     with pytest.raises(data_lib.DataError, match="data.train_subset: 500 is more than the 200"):
         data_lib.split(data, DataConfig(train_subset=500), seed=0)
-
-
-# --- Input pipeline ---------------------------------------------------------------------
-
-
-def test_pipeline_keeps_uint8_and_encodes_targets():
-    import tensorflow as tf
-
-    images = np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
-    labels = np.arange(10) % 3
-    dataset = data_lib.make_dataset(
-        images, labels, batch_size=4, encode_targets=lambda y: tf.one_hot(y, 3), shuffle=True
-    )
-    batches = list(dataset.as_numpy_iterator())
-    assert [len(x) for x, _ in batches] == [4, 4, 2]
-    x, y = batches[0]
-    assert x.dtype == np.uint8  # The model scales images on the device.
-    assert y.shape == (4, 3) and np.allclose(y.sum(axis=1), 1)
-    # Shuffled, but each image keeps its own label: image i holds the value i.
-    for x, y in batches:
-        np.testing.assert_array_equal(y.argmax(axis=1), labels[x[:, 0, 0, 0]])
-    assert sorted(np.concatenate([x[:, 0, 0, 0] for x, _ in batches])) == list(range(10))
-
-
-def test_pipeline_reshuffles_each_epoch_and_repeats_with_its_seed():
-    import tensorflow as tf
-
-    images = np.arange(64, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
-
-    def epochs(seed):
-        dataset = data_lib.make_dataset(
-            images,
-            np.zeros(64, np.int32),
-            batch_size=16,
-            encode_targets=lambda y: tf.one_hot(y, 2),
-            shuffle=True,
-            seed=seed,
-        )
-        return [
-            np.concatenate([x[:, 0, 0, 0] for x, _ in dataset.as_numpy_iterator()])
-            for _ in range(2)
-        ]
-
-    first, second = epochs(seed=1)
-    assert sorted(first) == sorted(second) == list(range(64))
-    assert not np.array_equal(first, second)  # A new order every epoch ...
-    again = epochs(seed=1)
-    np.testing.assert_array_equal(again[0], first)  # ... the same ones for the same seed,
-    np.testing.assert_array_equal(again[1], second)
-    assert not np.array_equal(epochs(seed=2)[0], first)  # and others for another seed.
 
 
 def test_restricted_unpickler_allows_only_numpy_arrays():

@@ -21,6 +21,7 @@ from .conftest import (
     REPO,
     free_port,
     read_trials,
+    require_jax,
     run_cli,
     start_cli,
     study_args,
@@ -147,6 +148,22 @@ def test_the_default_config_study_shows_a_left_out_key_as_empty(tmp_path, cifar1
     assert _table_cells(result.stdout, "hinge", "label_smoothing") == [""]
     trials = pd.read_csv(tmp_path / "default" / "trials.csv")
     assert trials["loss.label_smoothing"].isna().all()  # Empty in every view alike.
+
+
+def test_a_study_runs_on_jax(tmp_path, study_config, cifar10_tarball, ray_env):
+    """KERAS_BACKEND=jax on the driver: every trial, in its Ray worker, trains on JAX."""
+    require_jax()
+    env = {**ray_env, "KERAS_BACKEND": "jax"}
+    config = study_config(num_samples=3, scheduler="fifo")
+    result = run_study(config, cifar10_tarball, tmp_path, "jax", "--no-dashboard", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "jax" / "trials.csv", dtype={"trial_id": str})
+    assert len(trials) == 3 and set(trials.status) == {"completed"}
+    assert (trials.best_val_accuracy > 0.1).all()  # Above chance for 10 classes.
+    for trial_id in trials.trial_id:
+        results = (tmp_path / "jax" / f"trial_{trial_id}" / "result.json").read_text()
+        reports = [json.loads(line) for line in results.splitlines()]
+        assert {report["keras_backend"] for report in reports} == {"jax"}, trial_id
 
 
 def test_logical_gpus_set_concurrency_and_devices(

@@ -11,7 +11,13 @@ from study import data as data_lib
 from study.config import load_config
 from study.local import run_local
 from study.losses import LOSSES
-from study.trainable import compile_model, restore_checkpoint, save_checkpoint, train_and_evaluate
+from study.trainable import (
+    CheckpointCadence,
+    compile_model,
+    restore_checkpoint,
+    save_checkpoint,
+    train_and_evaluate,
+)
 
 from .conftest import run_cli, shared_sample
 
@@ -112,9 +118,44 @@ def test_resume_continues_at_the_right_epoch(cifar10):
     assert outcome.status == "completed" and "test_accuracy" in resumed.reports[-1][0]
 
 
+def test_checkpoint_cadence_by_time_or_by_epochs():
+    times = [25, 50, 75, 100, 125, 150, 175, 190, 200, 210]  # Each epoch's end, in seconds.
+
+    def saved(*overrides):
+        training = load_config(None, ["training.epochs=10", *overrides]).training
+        now = [0.0]  # The fake clock; the trial starts at 0.
+        cadence, epochs = CheckpointCadence(training, clock=lambda: now[0]), []
+        for epoch, seconds in enumerate(times, start=1):
+            now[0] = seconds
+            if cadence.due(epoch):
+                epochs.append(epoch)
+                cadence.start()
+        return epochs
+
+    # At the first epoch end 60 s after the start or the last checkpoint, and at the end.
+    assert saved() == [3, 6, 10]
+    assert saved("training.checkpoint_seconds=20") == [1, 2, 3, 4, 5, 6, 7, 9, 10]
+    assert saved("training.checkpoint_seconds=1000") == [10]
+    assert saved("training.checkpoint_every=3") == [3, 6, 9, 10]
+    assert saved("training.checkpoint_every=1") == list(range(1, 11))
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"), [(1e-3, [True] * 3), (3600, [False, False, True])]
+)
+def test_checkpoints_by_time_in_a_trial(cifar10, seconds, expected):
+    config = load_config(
+        None, [*TINY, "training.epochs=3", f"training.checkpoint_seconds={seconds}"]
+    )
+    assert config.training.checkpoint_every == "auto"
+    sink = RecordingSink()
+    train_and_evaluate(config, cifar10, sink, evaluate_test=False)
+    assert [checkpoint is not None for _, checkpoint in sink.reports] == expected
+
+
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_unreadable_checkpoint_warns_and_restarts_from_scratch(tmp_path, cifar10, damage, capfd):
-    config = load_config(None, [*TINY, "training.epochs=2"])
+    config = load_config(None, [*TINY, "training.epochs=2", "training.checkpoint_every=1"])
     first = RecordingSink()
     train_and_evaluate(config, cifar10, first)
     checkpoint = first.reports[0][1]
