@@ -332,7 +332,7 @@ def test_every_loss_trains_well_above_chance(name, cifar10):
 def test_an_unreadable_checkpoint_falls_back_to_an_older_one(tmp_path, cifar10, capfd):
     """Given the trial's checkpoints newest first, the first that loads is used: the epochs
     after it run again; only when none loads does the trial start from scratch."""
-    config = load_config(None, [*TINY, "training.epochs=4"])
+    config = load_config(None, [*TINY, "training.epochs=4", "training.checkpoint_every=1"])
     first = RecordingSink()
     train_and_evaluate(config, cifar10, first)
     second, third = first.reports[1][1], first.reports[2][1]  # After epochs 2 and 3.
