@@ -25,6 +25,8 @@ def load_splits(config: dict, data_dir: str | None = None) -> data_lib.Splits:
 def predict(model_path: Path, images: np.ndarray, batch_size=512) -> np.ndarray:
     import keras
 
+    import study.model  # noqa: F401  Registers the model's own augmentation layer for loading.
+
     try:
         model = keras.models.load_model(model_path, safe_mode=True, compile=False)
     except ValueError as error:  # Safe mode refuses a checkpoint that carries code.

@@ -5,6 +5,7 @@ Losses keep one colour across all figures.
 """
 
 import warnings
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +29,8 @@ MARKERS = dict(zip(LOSSES, "osD^vP*", strict=True))
 
 # Fewer full-budget trials than this say nothing about which keys matter.
 MIN_IMPORTANCE_TRIALS = 4
+# More axes than this make parallel coordinates a tangle of labels: the most important.
+PARALLEL_KEYS = 6
 
 
 class Skipped(Exception):
@@ -46,7 +49,12 @@ def colour(value):
     if value in COLOURS:
         return COLOURS[value]
     colours = plt.get_cmap("tab10").colors
-    return colours[hash(str(value)) % len(colours)]
+    return colours[zlib.crc32(str(value).encode()) % len(colours)]  # The same in every run.
+
+
+def _word(key: str) -> str:
+    """How a figure names a compared key: "loss" for loss.name, else the key itself."""
+    return "loss" if key == "loss.name" else key
 
 
 def leaderboard_figure(results: StudyResults, out: Path) -> Path:
@@ -92,7 +100,7 @@ def leaderboard_figure(results: StudyResults, out: Path) -> Path:
     axis.set_yticks(rows, board[key])
     axis.set_xlabel("accuracy")
     axis.set_xlim(0, 1)
-    axis.set_title(f"Leaderboard: the best full-budget trial of each {key}")
+    axis.set_title(f"Leaderboard: the best full-budget trial of each {_word(key)}")
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small")
     return _save(figure, out, "leaderboard")
 
@@ -183,7 +191,9 @@ def loss_optimizer_heatmap(results: StudyResults, out: Path) -> Path:
     image = axis.imshow(table.to_numpy(dtype=float), cmap="viridis", vmin=0, aspect="auto")
     for (i, j), value in np.ndenumerate(table.to_numpy(dtype=float)):
         text = "no trial" if np.isnan(value) else f"{value:.3f}"
-        axis.text(j, i, text, ha="center", va="center", color="white" if value < 0.5 else "k")
+        # Dark text on the light half of the colour scale, white on the dark half.
+        light = np.isnan(value) or image.norm(value) > 0.5
+        axis.text(j, i, text, ha="center", va="center", color="k" if light else "white")
     axis.set_xticks(range(table.shape[1]), table.columns)
     axis.set_yticks(range(table.shape[0]), table.index)
     axis.set(xlabel="optimizer", ylabel="loss", title="Best validation accuracy, loss x optimizer")
@@ -256,11 +266,14 @@ def asha(results: StudyResults, out: Path) -> tuple[Path, dict]:
         if status in set(trials.status)
     ]
     axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axis.set_yticks(rows, trials.trial_id, fontsize="x-small")
+    key = results.key
+    labels = [f"{row['trial_id']}  {row.get(key, '')}" for row in trials.to_dict("records")]
+    axis.set_yticks(rows, labels, fontsize="x-small")
+    rungs = f", each {_word(key)} on its own rungs" if results.config.search.stratify else ""
     axis.set(
         xlabel="epochs reached",
-        ylabel="trial (in order of start, first at top)",
-        title=f"What ASHA did: {spent} of {budget} epochs run "
+        ylabel=f"trial and its {_word(key)}, in order of start",
+        title=f"What ASHA did{rungs}: {spent} of {budget} epochs run\n"
         f"({spent / budget:.0%} of running every trial to the end)",
     )
     axis.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -346,16 +359,24 @@ def importance(results: StudyResults, out: Path) -> list[Path]:
     found = importances(results)
     key = results.config.search.stratify
     figure, axes = plt.subplots(
-        1, len(found), figsize=(4.2 * len(found) + 1, 4.5), squeeze=False, layout="constrained"
+        1, len(found), figsize=(4.5 * len(found) + 1, 5), squeeze=False, layout="constrained"
     )
     for axis, (stratum, (count, scores, _)) in zip(axes[0], found.items(), strict=True):
-        names = list(scores)[:8][::-1]
+        names = list(scores)[::-1]
         axis.barh(names, [scores[name] for name in names], color=colour(stratum))
         axis.set_xlim(0, 1)
         axis.set_xlabel("importance (fANOVA)")
         where = "all trials" if stratum is None else f"{key} = {stratum}"
         axis.set_title(f"{where}\n({count} full-budget trials)", fontsize="medium")
     figure.suptitle(f"Which hyper-parameters mattered for {METRIC}")
+    left_out = (
+        set(results.searched) - {key} - {k for _, scores, _ in found.values() for k in scores}
+    )
+    if left_out:
+        figure.text(
+            0.5, -0.03, f"Not compared (a condition leaves them out of some trials, or they "
+            f"did not vary): {', '.join(sorted(left_out))}", ha="center", fontsize="small",
+        )  # fmt: skip
     paths = [_save(figure, out, "importance")]
     paths.append(_parallel_coordinates(results, found, out))
     return paths
@@ -370,11 +391,39 @@ def _parallel_coordinates(results: StudyResults, found: dict, out: Path) -> Path
     stratum = max(found, key=lambda value: found[value][0])
     _, scores, study = found[stratum]
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    axis = optuna_plots.plot_parallel_coordinate(study, params=list(scores)[:6])
-    axis.figure.set_size_inches(12, 5)
-    axis.set_title("", loc="left")  # Optuna's own title; ours says more.
+    params = list(scores)[:PARALLEL_KEYS]
+    axis = optuna_plots.plot_parallel_coordinate(study, params=params)
+    figure = axis.figure
+    figure.set_size_inches(2.4 * (len(params) + 1) + 1.5, 5.5)
+    axis.set_title("", loc="left")  # Optuna's own title, drawn over ours otherwise.
+    axis.set_title("")
     key = results.config.search.stratify
     where = "" if stratum is None else f", {key} = {stratum}"
-    axis.set_title(f"Parallel coordinates of the full-budget trials{where}, by {METRIC}")
-    plt.setp(axis.get_xticklabels(), rotation=20, ha="right")
-    return _save(axis.figure, out, "parallel_coordinates")
+    figure.suptitle(
+        f"Parallel coordinates: the {len(params)} most important keys of the full-budget "
+        f"trials{where}, coloured by {METRIC}"
+    )
+    shortened = {}
+    for each in figure.axes:  # Long category names would run into the next axis.
+        labels = [label.get_text() for label in each.get_yticklabels()]
+        if any(len(label) > 14 for label in labels):
+            shortened |= {_short(label): label for label in labels if _short(label) != label}
+            each.set_yticks(each.get_yticks(), [_short(label) for label in labels])
+        each.tick_params(labelsize="small")
+        if each.get_ylabel() == "Objective Value":  # Optuna's colour bar.
+            each.set_ylabel(METRIC)
+    axis.set_xticks(
+        axis.get_xticks(), [METRIC, *[t.get_text() for t in axis.get_xticklabels()][1:]]
+    )
+    plt.setp(axis.get_xticklabels(), rotation=15, ha="right")
+    if shortened:
+        names = ", ".join(f"{short} = {name}" for short, name in sorted(shortened.items()))
+        figure.text(0.5, -0.04, names, ha="center", fontsize="small")
+    return _save(figure, out, "parallel_coordinates")
+
+
+def _short(label: str) -> str:
+    """A category name that fits beside its axis: mean_squared_logarithmic_error -> msle."""
+    if len(label) <= 14 or "_" not in label:
+        return label[:14]
+    return "".join(word[0] for word in label.split("_"))

@@ -1,11 +1,14 @@
 """python -m study.bench: where a trial's time goes on this machine, as a table and JSON.
 
 Everything runs on synthetic CIFAR data of the real shape and format (study/synthetic.py),
-so the benchmark needs no download. Five sections:
+so the benchmark needs no download. It runs on the Keras backend of the process
+(KERAS_BACKEND), as the trial does. Five sections:
 
-1. model     training images/s of the configured network by precision, XLA, batch size,
-             steps per execution and augmentation: after a warm-up, the median of runs.
-2. pipeline  images/s of the trial's tf.data input alone, and its ratio to the model's rate.
+1. model     training images/s of the configured network by precision, compilation (XLA
+             or jit), batch size, steps per execution and augmentation: after a warm-up,
+             the median of runs.
+2. pipeline  images/s of the trial's input alone and inside Keras's training loop, its
+             ratio to the model's rate, and augmentation in the model against in the input.
 3. overhead  the same training three ways: a bare `model.fit`, the local mode, one Ray Tune
              trial, in rounds that rotate their order. Steady-state images/s over whole
              epoch cycles (training, validation, checkpoint, report), the first epoch
@@ -33,8 +36,8 @@ import numpy as np
 # Tune's newer console output prints tables even at verbose=0; the classic one is quiet.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
+from study import backend, synthetic
 from study import data as data_lib
-from study import synthetic
 from study.config import (
     GPU_STEPS_PER_EXECUTION,
     ConfigError,
@@ -43,8 +46,8 @@ from study.config import (
 )
 from study.search_config import load_study
 
-# TensorFlow is imported where it is used, not with this module: a Tune worker that
-# unpickles a trial function from here then imports it inside the trial, as in a study.
+# Keras (and its backend) is imported where it is used, not with this module: a Tune worker
+# that unpickles a trial function from here then imports it inside the trial, as in a study.
 
 # The issue's targets: ratios to a bare model.fit, and GPU images/s on one H200.
 TARGETS = {"local/bare": 0.97, "tune/bare": 0.92, "gpu_one_trial": 30_000, "gpu_packed": 50_000}
@@ -143,31 +146,16 @@ def cpu_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def grow_gpu_memory() -> None:
-    """Before this process first touches a GPU: take its memory as needed, not all of it,
-    or the Tune trials that the benchmark starts later find none left."""
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
-
-
-def describe_machine() -> dict:
-    import keras
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    names = [tf.config.experimental.get_device_details(g).get("device_name", "GPU") for g in gpus]
+def describe_machine(devices: backend.Devices) -> dict:
     return {
         "cpus": os.cpu_count(),
-        "gpus": len(gpus),
-        "gpu_names": names,
+        "gpus": devices.gpus,
+        "gpu_names": list(devices.gpu_names),
+        "compute_capability": devices.capability,
+        "mixed_policy": backend.mixed_policy(devices.capability),
         "cpu_bf16": cpu_bf16(),
-        # 0 is TensorFlow's default: as many threads as cores.
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
+        **backend.threads(),
+        **backend.versions(),
     }
 
 
@@ -179,10 +167,6 @@ def with_values(config: TrialConfig, **dotted) -> TrialConfig:
 
 def load_config_from(config: TrialConfig, values: dict) -> TrialConfig:
     return load_config_dict(config.to_dict(), values=values)
-
-
-def mixed_policy(gpu: bool) -> str:
-    return "mixed_float16" if gpu else "mixed_bfloat16"
 
 
 # --- 1. Model throughput ---------------------------------------------------------------
@@ -197,10 +181,12 @@ class Variant:
     augment: bool = False
 
 
-def model_variants(config: TrialConfig, gpu: bool, factors=FACTORS) -> list[Variant]:
-    """The trial's own settings first, then one factor at a time: precision x XLA, batch
-    size, steps per execution, augmentation."""
-    chosen = config.training.resolve(gpu)
+def model_variants(
+    config: TrialConfig, gpu: bool, factors=FACTORS, backend_name="tensorflow"
+) -> list[Variant]:
+    """The trial's own settings first, then one factor at a time: precision x compilation,
+    batch size, steps per execution, augmentation."""
+    chosen = config.training.resolve(gpu, backend_name)
     batch = config.training.batch_size
     base = Variant(
         chosen["mixed_precision"],
@@ -223,13 +209,34 @@ def model_variants(config: TrialConfig, gpu: bool, factors=FACTORS) -> list[Vari
     return [v for i, v in enumerate(variants) if v not in variants[:i]]
 
 
-def _one_batch(config: TrialConfig, data: data_lib.CifarData, batch_size: int):
-    from study.losses import target_encoder
+@functools.cache
+def _repeated_batch_class():
+    import keras
 
-    encode = target_encoder(config.loss, config.data.num_classes)
+    class RepeatedBatch(keras.utils.PyDataset):
+        """One fixed batch, over and over: the model's rate without the input's cost."""
+
+        def __init__(self, batch):
+            super().__init__()
+            self.batch = batch
+
+        @property
+        def num_batches(self):
+            return None  # Endless; fit takes steps_per_epoch of it.
+
+        def __getitem__(self, index):
+            return self.batch
+
+    return RepeatedBatch
+
+
+def _one_batch(config: TrialConfig, data: data_lib.CifarData, batch_size: int):
+    from study.losses import target_table
+
+    targets = target_table(config.loss, config.data.num_classes)
     index = np.arange(batch_size) % len(data.y_train)
     images = data.x_train[index]  # uint8, as the trial's pipeline hands them to the model
-    return images, np.asarray(encode(data.y_train[index]))
+    return images, targets[data.y_train[index]]
 
 
 @dataclass
@@ -242,26 +249,26 @@ class Prepared:
     steps: int
 
 
-def prepare_model(config: TrialConfig, data, variant: Variant, sizes: Sizes, gpu: bool):
+def prepare_model(
+    config: TrialConfig, data, variant: Variant, sizes: Sizes, policy: str, steps_per_epoch=100
+):
     """Builds and compiles one variant on a fixed batch (the model alone, no input cost),
-    warms it up, and picks the steps for about `run_seconds` a run."""
+    warms it up, and picks the steps for about `run_seconds` a run. `steps_per_epoch` sets
+    the learning-rate schedule's length, as in a trial of that many steps an epoch."""
     import keras
-    import tensorflow as tf
 
     from study import trainable
 
     keras.utils.set_random_seed(config.seed)
     # Layers take the precision policy in force when they are built.
-    keras.mixed_precision.set_global_policy(
-        mixed_policy(gpu) if variant.mixed_precision else "float32"
-    )
+    keras.mixed_precision.set_global_policy(policy if variant.mixed_precision else "float32")
     trial = with_values(config, model__augment=variant.augment)
     try:
         spe = variant.steps_per_execution
-        model = trainable.compile_model(trial, 100, variant.jit_compile, spe)
+        model = trainable.compile_model(trial, steps_per_epoch, variant.jit_compile, spe)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    dataset = tf.data.Dataset.from_tensors(_one_batch(trial, data, variant.batch_size)).repeat()
+    dataset = _repeated_batch_class()(_one_batch(trial, data, variant.batch_size))
     # The first epoch traces (and with XLA compiles); the second estimates the rate.
     clock = epoch_clock()
     model.fit(
@@ -286,15 +293,16 @@ def time_run(prepared: Prepared) -> float:
     return prepared.steps * prepared.variant.batch_size / clock.durations[0]
 
 
-def section_model(config, data, sizes, gpu) -> dict:
+def section_model(config, data, sizes, devices: backend.Devices) -> dict:
     import keras
 
     keras.backend.clear_session()
-    variants = model_variants(config, gpu, sizes.model_factors)
+    gpu, policy = devices.gpus > 0, backend.mixed_policy(devices.capability)
+    variants = model_variants(config, gpu, sizes.model_factors, devices.backend)
     prepared, failed = [], {}
     for variant in variants:
         try:
-            prepared.append(prepare_model(config, data, variant, sizes, gpu))
+            prepared.append(prepare_model(config, data, variant, sizes, policy))
         except Exception as error:  # One variant that cannot run (no XLA kernel) is a row.
             failed[variant] = f"{type(error).__name__}: {error}"[:200]
     # The timed runs take turns: a burst of load from other processes then slows every
@@ -314,7 +322,7 @@ def section_model(config, data, sizes, gpu) -> dict:
     baseline = rows[0].get("images_per_second")
     for row in rows:
         row["vs_trial_default"] = ratio(row.get("images_per_second"), baseline)
-    result = {"policy_mixed": mixed_policy(gpu), "rows": rows}
+    result = {"policy_mixed": policy, "rows": rows}
     if not gpu and not cpu_bf16():
         result["note"] = "this CPU has no native bfloat16 (avx512_bf16/amx): it is emulated"
     return result
@@ -323,33 +331,111 @@ def section_model(config, data, sizes, gpu) -> dict:
 # --- 2. Input pipeline -----------------------------------------------------------------
 
 
+def numpy_flip_shift(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    """The model's FlipShift done in the input instead, with NumPy on the host: the other
+    place augmentation could run, timed to compare."""
+    count, height, width, _ = images.shape
+    padded = np.pad(images, [(0, 0), (pad, pad), (pad, pad), (0, 0)], mode="reflect")
+    offsets = rng.integers(0, 2 * pad + 1, (count, 2))
+    flip = rng.integers(0, 2, (count, 1)).astype(bool)
+    columns = np.where(flip, width - 1 - np.arange(width), np.arange(width)) + offsets[:, 1:]
+    rows = np.arange(height) + offsets[:, :1]
+    return padded[np.arange(count)[:, None, None], rows[:, :, None], columns[:, None, :]]
+
+
+def _pass(train, epoch: int, augment=None) -> tuple[float, float]:
+    """Images/s of one pass over the training batches, and the wait for the first batch."""
+    train.set_epoch(epoch)
+    started, count, first = time.perf_counter(), 0, 0.0
+    for index in range(len(train)):
+        images, _ = train[index]
+        if augment is not None:
+            images = augment(images)
+        first = first or time.perf_counter() - started
+        count += len(images)
+    return count / (time.perf_counter() - started), first
+
+
 def measure_pipeline(config: TrialConfig, splits: data_lib.Splits, sizes: Sizes) -> dict:
-    """Images/s of the trial's training input alone (shuffle, batch, targets), and how long
-    each epoch waits for its first batch (the shuffle buffer fills at every epoch's start)."""
+    """Images/s of the trial's training input alone (an epoch's order, gathers, targets),
+    plain and with NumPy augmentation, and how long an epoch waits for its first batch."""
     from study import trainable
 
     train, _, _ = trainable._datasets(config, splits)
-    rates, first_batch = [], []
-    for _ in range(sizes.runs + 1):  # The first pass warms tf.data up; it is not counted.
-        started, count = time.perf_counter(), 0
-        for images, _ in train:
-            if not count:
-                first_batch.append(time.perf_counter() - started)
-            count += int(images.shape[0])
-        rates.append(count / (time.perf_counter() - started))
+    rng = np.random.default_rng(0)
+    plain, augmented, first = [], [], []
+    for epoch in range(sizes.runs + 1):  # The first pass warms caches up; it is not counted.
+        rate, wait = _pass(train, epoch)
+        plain.append(rate)
+        first.append(wait)
+        augmented.append(_pass(train, epoch, lambda x: numpy_flip_shift(x, rng))[0])
     return {
         "images": len(splits.y_train),
-        "images_per_second": statistics.median(rates[1:]),
-        "first_batch_seconds": statistics.median(first_batch[1:]),
+        "images_per_second": statistics.median(plain[1:]),
+        "first_batch_seconds": statistics.median(first[1:]),
+        "numpy_augment_images_per_second": statistics.median(augmented[1:]),
     }
 
 
-def section_pipeline(config, splits, sizes, model_rate) -> dict:
+def measure_keras_loop(config: TrialConfig, splits, devices: backend.Devices) -> float:
+    """Images/s of the trial's training input as fit reads it on this backend (tf.data on
+    TensorFlow), through Keras's own training loop into a trivial model (pooling and one
+    dense layer): the input and the loop, not the network."""
+    import keras
+
+    from study import trainable
+
+    keras.backend.clear_session()
+    train, _, _ = trainable._datasets(config, splits)
+    chosen = config.training.resolve(devices.gpus > 0, devices.backend)
+    inputs = keras.Input((32, 32, 3), dtype="uint8")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(config.data.num_classes)(pooled))
+    model.compile(
+        optimizer="sgd",
+        loss="mean_squared_error",
+        jit_compile=chosen["jit_compile"],
+        steps_per_execution=chosen["steps_per_execution"],
+    )
+    clock = epoch_clock()
+    train_input, callbacks = backend.fit_input(train)
+    model.fit(train_input, epochs=2, callbacks=[*callbacks, clock], shuffle=False, verbose=0)
+    return len(splits.y_train) / clock.durations[-1]  # Epoch 1 traces; epoch 2 is timed.
+
+
+def _augmentation_choice(rows: list[dict], numpy_rate: float, gpu: bool) -> dict | None:
+    """Augmentation in the model (FlipShift on the device) against in the input (NumPy on
+    the host, then the model without it). Off a GPU the host does both in turn; with a
+    GPU the input would overlap the device's work, so the slower of the two decides."""
+    keys = ("mixed_precision", "jit_compile", "batch_size", "steps_per_execution")
+    rate = {}
+    for row in rows:  # The trial's settings with augmentation on and off.
+        if all(row[key] == rows[0][key] for key in keys) and "images_per_second" in row:
+            rate.setdefault(row["augment"], row["images_per_second"])
+    if True not in rate or False not in rate:
+        return None
+    serial = 1 / (1 / rate[False] + 1 / numpy_rate)
+    in_input = min(rate[False], numpy_rate) if gpu else serial
+    return {
+        "in_model_images_per_second": rate[True],
+        "model_without_images_per_second": rate[False],
+        "in_input_images_per_second": in_input,
+        "in_input_overlapped": gpu,
+        "faster": "model" if rate[True] >= in_input else "input",
+    }
+
+
+def section_pipeline(config, splits, sizes, model_section: dict | None, devices) -> dict:
+    rows = (model_section or {}).get("rows", [])
+    model_rate = rows[0].get("images_per_second") if rows else None
     result = measure_pipeline(config, splits, sizes)
+    result["keras_loop_images_per_second"] = measure_keras_loop(config, splits, devices)
     result["model_images_per_second"] = model_rate
-    result["ratio_to_model"] = ratio(result["images_per_second"], model_rate)
+    slower = min(result["images_per_second"], result["keras_loop_images_per_second"])
+    result["ratio_to_model"] = ratio(slower, model_rate)
     result["bottleneck"] = bool(result["ratio_to_model"] and result["ratio_to_model"] < 1)
-    result["note"] = "augmentation runs inside the model, on the device: see the model section"
+    numpy_rate = result["numpy_augment_images_per_second"]
+    result["augmentation"] = _augmentation_choice(rows, numpy_rate, devices.gpus > 0)
     return result
 
 
@@ -357,7 +443,9 @@ def section_pipeline(config, splits, sizes, model_rate) -> dict:
 
 
 def overhead_config(config: TrialConfig, images: int | None, epochs: int) -> TrialConfig:
-    values = {"training.epochs": epochs, "training.checkpoint_every": 1}
+    """The config's own checkpoint cadence: `--set training.checkpoint_every=1` shows the
+    cost of a checkpoint every epoch against the default, by time."""
+    values = {"training.epochs": epochs}
     if images is not None:  # A stratified subset: `images` to train on, a tenth to validate.
         values |= {
             "data.train_subset": images + max(1, images // 10),
@@ -378,14 +466,14 @@ def run_bare(config: TrialConfig, data) -> dict[str, list[float]]:
     devices = trainable.configure_devices(config)
     splits = data_lib.split(data, config.data, seed=config.data.split_seed)
     train, validation, _ = trainable._datasets(config, splits)
-    steps = -(-len(splits.y_train) // config.training.batch_size)
-    model = trainable.compile_for_devices(config, steps, devices)
+    model = trainable.compile_for_devices(config, len(train), devices)
     clock = epoch_clock()
+    train_input, callbacks = backend.fit_input(train)
     model.fit(
-        train,
-        validation_data=validation,
+        train_input,
+        validation_data=backend.fit_input(validation)[0],
         epochs=config.training.epochs,
-        callbacks=[clock],
+        callbacks=[*callbacks, clock],
         shuffle=False,
         verbose=0,
     )
@@ -560,6 +648,8 @@ def measure_overhead(config: TrialConfig, data, sizes: Sizes, temp: Path, gpu: b
     idle = ray_time["cpu"] / ray_time["wall"]  # Of one CPU.
     result = summarise_overhead(rounds, images, daemon_share=idle / (os.cpu_count() or 1))
     result["ray_idle_cpu_share"] = idle
+    result["checkpoint_every"] = run_config.training.checkpoint_every
+    result["checkpoint_seconds"] = run_config.training.checkpoint_seconds
     return result
 
 
@@ -761,9 +851,11 @@ def run_bench(options: Options, echo=print) -> dict:
         loads.append(os.getloadavg()[0])
         say(f"[{time.perf_counter() - began:5.0f} s] {message} (load {loads[-1]:.1f})")
 
-    grow_gpu_memory()
-    machine = describe_machine()
-    gpu = machine["gpus"] > 0
+    # Before this process first touches a GPU: memory as needed, not all of it, or the
+    # Tune trials that the benchmark starts later find none left.
+    devices = backend.configure()
+    machine = describe_machine(devices)
+    gpu = devices.gpus > 0
     config, sizes, sections = options.config, options.sizes, options.sections
     results = {"machine": machine, "config": config.to_dict(), "width_note": options.width_note}
     results["sizes"] = asdict(sizes)
@@ -777,12 +869,12 @@ def run_bench(options: Options, echo=print) -> dict:
         full = data["full"]
         if "model" in sections:
             echo("1. model throughput ...")
-            results["model"] = section_model(config, full, sizes, gpu)
-        model_rate = results.get("model", {}).get("rows", [{}])[0].get("images_per_second")
+            results["model"] = section_model(config, full, sizes, devices)
         if "pipeline" in sections:
             echo("2. input pipeline ...")
             splits = data_lib.split(full, config.data, seed=config.data.split_seed)
-            results["pipeline"] = section_pipeline(config, splits, sizes, model_rate)
+            model = results.get("model")
+            results["pipeline"] = section_pipeline(config, splits, sizes, model, devices)
         ray_sections = {"overhead", "startup", "packing"} & set(sections)
         if ray_sections:
             results |= _ray_sections(options, data, temp, gpu, ray_sections, echo)
@@ -805,7 +897,13 @@ def _ray_sections(options, data, temp: Path, gpu: bool, sections, echo) -> dict:
 
     config, sizes = options.config, options.sizes
     results = {}
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        num_cpus=os.cpu_count(),
+        runtime_env={"env_vars": backend.worker_env()},  # Trials on this process's backend.
+    )
     try:
         if "overhead" in sections:
             results["overhead"] = measure_overhead(config, data["full"], sizes, temp, gpu, echo)
@@ -881,7 +979,7 @@ def _number(value, digits=0) -> str:
 def _model_lines(section: dict) -> list[str]:
     lines = [
         "1. Model throughput (training images/s on a fixed batch, median of runs after a warm-up)",
-        f"   {'precision':<15} {'XLA':<4} {'batch':>6} {'steps/exec':>10} {'augment':>8} "
+        f"   {'precision':<15} {'jit':<4} {'batch':>6} {'steps/exec':>10} {'augment':>8} "
         f"{'images/s':>10} {'vs trial':>9}",
     ]
     for index, row in enumerate(section["rows"]):
@@ -905,22 +1003,45 @@ def _model_lines(section: dict) -> list[str]:
 
 def _pipeline_lines(section: dict) -> list[str]:
     verdict = "the bottleneck" if section["bottleneck"] else "not the bottleneck"
-    return [
-        "2. Input pipeline (the trial's tf.data training input alone)",
-        f"   {_number(section['images_per_second'])} images/s over {section['images']:,} "
-        f"images; the model trains {_number(section['model_images_per_second'])}: "
-        f"ratio {_number(section['ratio_to_model'], 1)}, {verdict}",
-        f"   each epoch's first batch after {1000 * section['first_batch_seconds']:.0f} ms "
-        "(the shuffle buffer filling)",
-        f"   note: {section['note']}",
+    if section["ratio_to_model"] is None:
+        compared = "   (the model section, not run, would give the model's rate to compare)"
+    else:
+        compared = (
+            f"   the model trains {_number(section['model_images_per_second'])}: ratio "
+            f"{_number(section['ratio_to_model'], 1)} (the slower of the two), {verdict}"
+        )
+    lines = [
+        "2. Input pipeline (the trial's training batches: NumPy gathers from memory)",
+        f"   alone {_number(section['images_per_second'])} images/s over "
+        f"{section['images']:,} images; through Keras's training loop (a trivial model) "
+        f"{_number(section['keras_loop_images_per_second'])}",
+        compared,
+        f"   each epoch's first batch after {1000 * section['first_batch_seconds']:.1f} ms "
+        "(the epoch's order drawn)",
     ]
+    choice = section.get("augmentation")
+    if choice:
+        where = "overlapping the device" if choice["in_input_overlapped"] else "then the model"
+        lines += [
+            f"   augmentation in the model (FlipShift, compiled): "
+            f"{_number(choice['in_model_images_per_second'])} images/s; in the input (NumPy "
+            f"{_number(section['numpy_augment_images_per_second'])} images/s, {where}): "
+            f"{_number(choice['in_input_images_per_second'])}; faster: {choice['faster']}",
+        ]
+    return lines
 
 
 def _overhead_lines(section: dict) -> list[str]:
+    every = section.get("checkpoint_every")
+    cadence = (
+        f"checkpoints by time (at most one per {section['checkpoint_seconds']:g} s)"
+        if every == "auto"
+        else f"a checkpoint every {every} epoch{'s' if every != 1 else ''}"
+    )
     lines = [
         "3. Machinery overhead (steady-state training images/s per whole epoch cycle, "
         f"{section['images_per_epoch']:,} images an epoch, epoch 1 and the last left out; "
-        f"{section['rounds']} rounds of the three ways in turn, Ray up throughout)",
+        f"{section['rounds']} rounds of the three ways in turn, Ray up throughout; {cadence})",
     ]
     names = {"bare": "bare model.fit", "local": "local mode", "tune": "one Tune trial"}
     for way, name in names.items():
@@ -1001,13 +1122,18 @@ def format_table(results: dict) -> str:
     machine = results["machine"]
     gpus = ", ".join(machine["gpu_names"]) if machine["gpus"] else "no GPU"
     model = results["config"]["model"]
+    name = machine["backend"]
+    threads = (
+        f"; TensorFlow threads {machine['intra_op_threads'] or 'default'} intra-op, "
+        f"{machine['inter_op_threads'] or 'default'} inter-op"
+        if "intra_op_threads" in machine
+        else ""
+    )
     lines = [
-        f"study.bench on {machine['cpus']} CPUs, {gpus} (TensorFlow {machine['tensorflow']}, "
-        f"Keras {machine['keras']})",
+        f"study.bench on {machine['cpus']} CPUs, {gpus} (Keras {machine['keras']} on "
+        f"{name} {machine[name]})",
         f"model width {model['width']:g} ({results['width_note']}), "
-        f"batch {results['config']['training']['batch_size']}; TensorFlow threads "
-        f"{machine['intra_op_threads'] or 'default'} intra-op, "
-        f"{machine['inter_op_threads'] or 'default'} inter-op",
+        f"batch {results['config']['training']['batch_size']}{threads}",
     ]
     load = results.get("load_average")
     if load:
@@ -1064,10 +1190,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         metavar="INTRA,INTER",
-        help="TensorFlow's intra- and inter-op threads in this process (default: its own)",
+        help="TensorFlow's intra- and inter-op threads in this process (default: its own; "
+        "TensorFlow only)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes: checks that it runs, in a minute"
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        help="training images an epoch in the overhead section (default: 5,000 on CPU, the "
+        "whole split with a GPU); a few hundred show a full-width checkpoint's share on CPU",
     )
     parser.add_argument(
         "--rounds",
@@ -1108,20 +1241,20 @@ def options_from(args: argparse.Namespace, gpu: bool) -> Options:
         if args.rounds < 1:
             raise ConfigError(f"--rounds: {args.rounds}; it must be at least 1")
         sizes = replace(sizes, overhead_rounds=args.rounds)
+    if args.images is not None:
+        if args.images < 10:
+            raise ConfigError(f"--images: {args.images}; it must be at least 10")
+        sizes = replace(sizes, overhead_images=args.images)
     return Options(config, sizes, note, args.out, sections, args.gpu_targets)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import tensorflow as tf
-
-    if args.threads:  # Only before TensorFlow runs anything.
-        intra, inter = (int(n) for n in args.threads.split(","))
-        tf.config.threading.set_intra_op_parallelism_threads(intra)
-        tf.config.threading.set_inter_op_parallelism_threads(inter)
-    gpu = bool(tf.config.list_physical_devices("GPU"))
     try:
-        options = options_from(args, gpu)
+        backend.configured_name()
+        if args.threads:  # Only before the backend runs anything.
+            backend.set_threads(*(int(n) for n in args.threads.split(",")))
+        options = options_from(args, gpu=backend.configure().gpus > 0)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

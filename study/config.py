@@ -153,9 +153,15 @@ class TrainingConfig(_Section):
     batch_size: int = Field(default=128, ge=1, le=65_536)
     # Evaluation has no gradients, so it can use much larger batches.
     eval_batch_size: int = Field(default=1024, ge=1, le=65_536)
-    # Save model.keras every this many epochs (and always after the last one).
-    checkpoint_every: int = Field(default=1, ge=1)
-    # "auto": on when a GPU is visible, off on CPU (where they slow training down).
+    # When to save model.keras (always after the last epoch as well). "auto": at the first
+    # epoch end at least `checkpoint_seconds` after the trial's start or its last checkpoint:
+    # at most one checkpoint that often, however short the epochs (a 1.5 s GPU epoch would
+    # otherwise spend a fifth of its time saving), and a killed worker loses at most that
+    # long plus one epoch. An integer: every that many epochs.
+    checkpoint_every: int | Literal["auto"] = "auto"
+    checkpoint_seconds: float = Field(default=60.0, gt=0, le=86_400, allow_inf_nan=False)
+    # "auto": on when a GPU is visible, off on CPU (where they slow training down; JAX
+    # compiles on CPU as well, see `resolve`).
     mixed_precision: bool | Literal["auto"] = "auto"
     jit_compile: bool | Literal["auto"] = "auto"
     # Training steps per call into TensorFlow; "auto": 16 with a GPU, where it saves the
@@ -163,15 +169,27 @@ class TrainingConfig(_Section):
     # the same either way; a divergence is noticed at the end of an execution.
     steps_per_execution: Annotated[int, Field(ge=1, le=1_000)] | Literal["auto"] = "auto"
 
-    def resolve(self, gpu: bool) -> dict:
-        """What the "auto" settings mean on a machine with or without a GPU."""
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _auto_or_epochs(cls, value):
+        if value == "auto":
+            return value
+        # 2.0 too: a CSV column of whole numbers may read back as floats.
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and float(value).is_integer() and value >= 1:
+            return int(value)
+        raise ValueError(f"must be auto or a whole number of epochs >= 1 (got {value!r})")
+
+    def resolve(self, gpu: bool, backend: str = "tensorflow") -> dict:
+        """What the "auto" settings mean on a machine with or without a GPU. On CPU, JAX
+        compiles too: uncompiled, it runs op by op, several times slower."""
 
         def pick(value, with_gpu, without_gpu):
             return (with_gpu if gpu else without_gpu) if value == "auto" else value
 
         return {
             "mixed_precision": pick(self.mixed_precision, True, False),
-            "jit_compile": pick(self.jit_compile, True, False),
+            "jit_compile": pick(self.jit_compile, True, backend != "tensorflow"),
             "steps_per_execution": pick(self.steps_per_execution, GPU_STEPS_PER_EXECUTION, 1),
         }
 

@@ -1,8 +1,8 @@
-"""CIFAR-10/100 from the official python-version tarballs: safe reading, splits, tf.data input.
+"""CIFAR-10/100 from the official python-version tarballs: safe reading and splits.
 
 The driver calls `load_cifar` once; trials get the arrays through Ray's object store and
-call `split` and `make_dataset`. Images stay uint8 all the way to the model, which scales
-them on the device (study/model.py).
+call `split`, then batch them with study/pipeline.py. Images stay uint8 all the way to
+the model, which scales them on the device (study/model.py).
 """
 
 import gzip
@@ -380,29 +380,3 @@ def split(data: CifarData, config, seed: int) -> Splits:
         x_val, y_val = x_train[val], y_train[val]
         x_train, y_train = x_train[is_train], y_train[is_train]
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, data.class_names)
-
-
-# --- Input pipeline --------------------------------------------------------------------
-
-
-def make_dataset(images, labels, *, batch_size, encode_targets, shuffle=False, seed=0):
-    """A tf.data pipeline of uint8 image batches and targets encoded per batch.
-
-    It shuffles indices, not images: the shuffle buffer (the whole split, for a uniform
-    shuffle) then fills with integers at each epoch's start instead of copying every
-    image, and each batch is gathered in one vectorised op. The order is the one that
-    shuffling the images themselves with the same seed gives.
-    """
-    import tensorflow as tf
-
-    images, labels = tf.constant(images), tf.constant(labels)
-    count = int(labels.shape[0])
-    indices = tf.data.Dataset.range(count)
-    if shuffle:
-        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-
-    def gather(index):
-        return tf.gather(images, index), encode_targets(tf.gather(labels, index))
-
-    dataset = indices.batch(batch_size).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -80,14 +80,10 @@ def build_loss(config):
     return LOSSES[config.name].build(config)
 
 
-def target_encoder(config, num_classes: int):
-    """A function from integer labels to the loss's targets, used inside tf.data."""
-    import tensorflow as tf
+def target_table(config, num_classes: int):
+    """The loss's target for each label, as rows of a float32 array: row k is the target
+    of class k (one-hot, or +1 for k and -1 elsewhere). The input pipeline gathers rows."""
+    import numpy as np
 
-    signed = LOSSES[config.name].targets == "signed"
-
-    def encode(labels):
-        one_hot = tf.one_hot(labels, num_classes)
-        return 2.0 * one_hot - 1.0 if signed else one_hot
-
-    return encode
+    one_hot = np.eye(num_classes, dtype="float32")
+    return 2.0 * one_hot - 1.0 if LOSSES[config.name].targets == "signed" else one_hot

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from study import backend
 from study.config import ConfigError
 from study.data import DataError
 from study.search_config import load_study
@@ -222,6 +223,7 @@ def run_local_command(args) -> int:
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
+        backend.configured_name()  # An unsupported KERAS_BACKEND is refused before any work.
         if args.confirm:
             return run_confirm_command(args)
         if args.config is None and not args.resume and DEFAULT_CONFIG.is_file():

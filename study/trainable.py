@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
+from study import backend
 from study import data as data_lib
-from study.config import METRIC, TrialConfig, from_params
-from study.losses import build_loss, target_encoder
+from study.config import METRIC, TrainingConfig, TrialConfig, from_params
+from study.losses import build_loss, target_table
 from study.model import build_model
 from study.optimizers import build_optimizer
+from study.pipeline import Batches
 
 MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
@@ -40,17 +41,13 @@ class Outcome:
 
 
 def configure_devices(config: TrialConfig) -> dict:
-    """Memory growth on every GPU; mixed precision, XLA and several steps per execution on
-    GPUs unless the config says otherwise."""
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        # Trials may share a GPU: take memory as needed instead of all of it at start.
-        tf.config.experimental.set_memory_growth(gpu, True)
-    chosen = config.training.resolve(gpu=bool(gpus))
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if chosen["mixed_precision"] else "float32"
-    )
-    return {"gpus": len(gpus), **chosen}
+    """GPU memory as needed (trials may share a GPU); mixed precision, compilation and
+    several steps per execution on GPUs unless the config says otherwise."""
+    devices = backend.configure()
+    chosen = config.training.resolve(gpu=devices.gpus > 0, backend=devices.backend)
+    policy = backend.mixed_policy(devices.capability) if chosen["mixed_precision"] else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return {"backend": devices.backend, "gpus": devices.gpus, "policy": policy, **chosen}
 
 
 def compile_model(
@@ -100,6 +97,27 @@ def restore_checkpoint(model: keras.Model, directory: Path) -> int:
     return read_state(directory)["epoch"]
 
 
+class CheckpointCadence:
+    """Which epoch ends save a checkpoint: every `checkpoint_every` epochs, or under
+    "auto" the first epoch end at least `checkpoint_seconds` after the start or the last
+    checkpoint; the last epoch always."""
+
+    def __init__(self, training: TrainingConfig, clock=time.monotonic):
+        self.every, self.seconds = training.checkpoint_every, training.checkpoint_seconds
+        self.epochs, self.clock = training.epochs, clock
+        self.start()
+
+    def start(self) -> None:
+        self.last = self.clock()
+
+    def due(self, epochs_done: int) -> bool:
+        if epochs_done == self.epochs:
+            return True
+        if self.every == "auto":
+            return self.clock() - self.last >= self.seconds
+        return epochs_done % self.every == 0
+
+
 class EpochReporter(keras.callbacks.Callback):
     """Times each epoch, stops at a non-finite loss, checkpoints and hands metrics on."""
 
@@ -116,6 +134,10 @@ class EpochReporter(keras.callbacks.Callback):
         self.history: list[dict] = []
         self.diverged_at: tuple[int, int] | None = None
         self.final: tuple[dict, Path | None] | None = None
+        self.cadence = CheckpointCadence(config.training)
+
+    def on_train_begin(self, logs=None):
+        self.cadence.start()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -124,6 +146,8 @@ class EpochReporter(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None):
         if self.train_seconds is None:
+            # JAX dispatches steps ahead of the device: wait for the last one to finish.
+            keras.ops.convert_to_numpy(self.model.optimizer.iterations)
             self.train_seconds = time.perf_counter() - self.started
 
     def on_train_batch_end(self, batch, logs=None):
@@ -150,9 +174,10 @@ class EpochReporter(keras.callbacks.Callback):
         self.history.append(metrics)
         last = done == self.config.training.epochs
         checkpoint = None
-        if last or done % self.config.training.checkpoint_every == 0:
+        if self.cadence.due(done):
             directory = Path(tempfile.mkdtemp()) / "checkpoint"
             checkpoint = save_checkpoint(self.model, done, directory, metrics)
+            self.cadence.start()
         if last:
             self.final = (metrics, checkpoint)  # Reported with the test metrics, after fit.
         else:
@@ -160,20 +185,14 @@ class EpochReporter(keras.callbacks.Callback):
 
 
 def _datasets(config: TrialConfig, splits: data_lib.Splits):
-    encode = target_encoder(config.loss, config.data.num_classes)
-    train = data_lib.make_dataset(
-        splits.x_train,
-        splits.y_train,
-        batch_size=config.training.batch_size,
-        encode_targets=encode,
-        shuffle=True,
-        seed=config.seed,
+    """Training batches shuffled by the trial's seed and the epoch; evaluation in order."""
+    targets = target_table(config.loss, config.data.num_classes)
+    train = Batches(
+        splits.x_train, splits.y_train, config.training.batch_size, targets, seed=config.seed
     )
 
     def evaluation(images, labels):
-        return data_lib.make_dataset(
-            images, labels, batch_size=config.training.eval_batch_size, encode_targets=encode
-        )
+        return Batches(images, labels, config.training.eval_batch_size, targets)
 
     return train, evaluation(splits.x_val, splits.y_val), evaluation(splits.x_test, splits.y_test)
 
@@ -197,8 +216,8 @@ def _restore_first(config: TrialConfig, build, checkpoints):
     return model, 0, None, failed
 
 
-def _evaluate(model: keras.Model, dataset) -> dict:
-    loss, accuracy = model.evaluate(dataset, verbose=0)
+def _evaluate(model: keras.Model, batches) -> dict:
+    loss, accuracy = model.evaluate(backend.fit_input(batches)[0], verbose=0)
     return {"test_loss": float(loss), "test_accuracy": float(accuracy)}
 
 
@@ -224,7 +243,7 @@ def train_and_evaluate(
     devices = configure_devices(config)
     splits = data_lib.split(data, config.data, seed=config.data.split_seed)
     train, validation, test = _datasets(config, splits)
-    steps_per_epoch = math.ceil(len(splits.y_train) / config.training.batch_size)
+    steps_per_epoch = len(train)
     checkpoints = [checkpoint] if isinstance(checkpoint, Path) else checkpoint or []
     model, initial_epoch, restored, failed = _restore_first(
         config, lambda: compile_for_devices(config, steps_per_epoch, devices), checkpoints
@@ -247,13 +266,14 @@ def train_and_evaluate(
             sink.report({**final, **test, REPLAYED: True}, None)
         return Outcome("completed", [final] if final else [], test=test)
     reporter = EpochReporter(sink, config, len(splits.y_train), warning)
+    train_input, callbacks = backend.fit_input(train)
     model.fit(
-        train,
-        validation_data=validation,
+        train_input,
+        validation_data=backend.fit_input(validation)[0],
         epochs=config.training.epochs,
         initial_epoch=initial_epoch,
-        callbacks=[reporter],
-        shuffle=False,  # The tf.data pipeline shuffles, every epoch.
+        callbacks=[*callbacks, reporter],
+        shuffle=False,  # The batches shuffle, by seed and epoch.
         verbose=0,
     )
     if reporter.diverged_at is not None:
@@ -292,6 +312,7 @@ def _placement() -> dict:
     return {
         "node_id": context.get_node_id(),
         "gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids()),
+        "keras_backend": keras.backend.backend(),
     }
 
 

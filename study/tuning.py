@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from study import console, results
+from study import backend, console, results
 from study import data as data_lib
 from study.config import MODE, ConfigError, flatten
 from study.search_config import CONFIG_FILE, ONE_GPU, SearchConfig, StudyConfig, load_study
@@ -162,7 +162,8 @@ def resources(study: StudyConfig, options: StudyOptions) -> tuple[dict, int | No
 
 
 def connect(options: StudyOptions):
-    """Starts a local Ray (dashboard on 127.0.0.1, token auth on) or joins a cluster."""
+    """Starts a local Ray (dashboard on 127.0.0.1, token auth on) or joins a cluster; every
+    worker gets the driver's Keras backend."""
     if options.address and "RAY_AUTH_MODE" not in os.environ and _token_available():
         # Ray turns token auth on by itself only for address="auto"; for host:port and
         # ray:// it must be told before it is imported (it caches its config).
@@ -179,11 +180,15 @@ def connect(options: StudyOptions):
 
     quiet_libraries()
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    runtime_env = {"env_vars": backend.worker_env()}
     if options.address:
-        context = ray.init(address=options.address, **quiet)
+        context = ray.init(address=options.address, runtime_env=runtime_env, **quiet)
     else:
         context = ray.init(
-            include_dashboard=options.dashboard, dashboard_host=options.dashboard_host, **quiet
+            include_dashboard=options.dashboard,
+            dashboard_host=options.dashboard_host,
+            runtime_env=runtime_env,
+            **quiet,
         )
     url = getattr(context, "dashboard_url", None)
     if url:

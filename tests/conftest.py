@@ -1,6 +1,7 @@
 """Shared fixtures: small CIFAR tarballs in the official format, and the real samples."""
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -61,6 +62,54 @@ def run_cli(module: str, *args, env=None, timeout=900) -> subprocess.CompletedPr
     )
 
 
+BACKENDS = ("tensorflow", "jax")
+
+
+def require_jax() -> None:
+    """Skips a test that needs JAX where it is not installed (CI installs it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("JAX is not installed: pip install -e '.[jax]'")
+
+
+def on_backends(module: str, function: str, *args, timeout=900) -> dict:
+    """`module.function(*args)` with Keras on each backend, each in a new process (Keras
+    fixes its backend per process), all at once: compiling is mostly single-threaded, so
+    they overlap. Arguments and results travel as JSON; returns {backend: result}."""
+    require_jax()
+    code = (
+        "import importlib, json, os, keras\n"
+        "assert keras.backend.backend() == os.environ['KERAS_BACKEND'], keras.backend.backend()\n"
+        f"result = getattr(importlib.import_module({module!r}), {function!r})(*{args!r})\n"
+        "print('RESULT ' + json.dumps(result))"
+    )
+    # Tests compile many small programs once each: LLVM's optimisations of the compiled
+    # code cost more time than they save (two thirds of JAX's compile time here).
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "XLA_FLAGS": flags, "KERAS_BACKEND": name},
+        )
+        for name in BACKENDS
+    }
+    results = {}
+    for name, process in processes.items():
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            process.kill()
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        assert process.returncode == 0 and lines, f"{name}: {stderr[-3000:]}"
+        results[name] = json.loads(lines[-1].removeprefix("RESULT "))
+    return results
+
+
 def start_cli(module: str, *args, env=None, output=subprocess.DEVNULL) -> subprocess.Popen:
     """`python -m MODULE ARGS` in the background, in its own process group (so that a
     test can signal it and everything it started, as Ctrl-C would)."""
@@ -104,7 +153,8 @@ def cifar10_tarball(tmp_path_factory) -> Path:
     return synthetic.write_cifar(folder / "cifar-10-python.tar.gz", "cifar10", 40, 10)
 
 
-# 4 epochs of a tiny model on 200 images; ASHA may stop trials after epoch 1 or 2.
+# 4 epochs of a tiny model on 200 images; ASHA may stop trials after epoch 1 or 2. A
+# checkpoint every epoch (not by time, the default): the resume and fault tests count on it.
 TINY_STUDY = {
     "data": {"dataset": "cifar10", "train_subset": 200, "test_subset": 50, "validation_size": 50},
     "model": {"width": 0.0625},

@@ -299,3 +299,30 @@ def test_predictions_feed_each_model_the_input_it_was_saved_with(tmp_path):
     assert not np.array_equal(expected, np.asarray(legacy(images.astype("float32"))).argmax(1))
     current = keras.Sequential([keras.Input((32, 32, 3), dtype="uint8"), keras.layers.Flatten()])
     assert best_model.model_input(current, images) is images
+
+
+def test_importance_figures_have_one_title_and_few_readable_axes(
+    study_folder, monkeypatch, tmp_path
+):
+    """Optuna's own titles were drawn under ours, and a parallel-coordinates plot of every
+    searched key was a tangle of labels: one title each, at most PARALLEL_KEYS axes, and
+    category names short enough not to run into the next axis."""
+    from analysis import figures
+
+    drawn = {}
+    save = figures._save
+
+    def keep(figure, out, name):
+        drawn[name] = figure
+        return save(figure, out, name)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    figures.importance(load(study_folder), tmp_path)
+    for name, figure in drawn.items():
+        for axis in figure.axes:
+            titles = [axis.get_title(loc) for loc in ("left", "center", "right")]
+            assert sum(bool(t) for t in titles) <= 1, (name, titles)
+    main = drawn["parallel_coordinates"].axes[0]
+    assert len(main.get_xticklabels()) <= figures.PARALLEL_KEYS + 1  # The metric's axis too.
+    for axis in drawn["parallel_coordinates"].axes:
+        assert all(len(label.get_text()) <= 14 for label in axis.get_yticklabels())

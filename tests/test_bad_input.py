@@ -352,6 +352,14 @@ CASES = {
     "set-unknown-schedule": Case(
         ("--set", "optimizer.schedule=step"), ("optimizer.schedule", "unknown schedule 'step'")
     ),
+    "set-metric-is-a-loss": Case(
+        ("--set", "search.metric=val_loss"), ("search.metric: unknown metric 'val_loss'",)
+    ),
+    "set-space-range-outside-the-key": Case(
+        ("--set", "search.space.model.width={uniform: [0, 1]}"),
+        ("search.space.model.width", "greater than 0"),
+        STUDY,
+    ),
     "set-num-samples-zero": Case(
         ("--set", "search.num_samples=0"), ("search.num_samples", "greater than or equal to 1")
     ),

@@ -10,9 +10,10 @@ import os
 from dataclasses import replace
 
 import keras
+import numpy as np
 import pytest
 
-from study import bench
+from study import backend, bench
 from study import data as data_lib
 from study.config import ConfigError, load_config
 from study.search_config import load_study
@@ -85,6 +86,7 @@ def test_overhead_ratios_compare_each_way_with_bare_fit():
 
 def test_model_variants_change_one_factor_at_a_time(config):
     cpu = bench.model_variants(config, gpu=False)
+    assert bench.model_variants(config, gpu=False, backend_name="jax")[0].jit_compile
     assert cpu[0] == bench.Variant(False, False, 32, 1, False)  # The trial's own settings.
     assert len(set(cpu)) == len(cpu)
     assert {(v.mixed_precision, v.jit_compile) for v in cpu} == {
@@ -106,7 +108,7 @@ def test_model_variants_change_one_factor_at_a_time(config):
 
 
 def test_model_section_times_every_variant(config, cifar10):
-    section = bench.section_model(config, cifar10, QUICK, gpu=False)
+    section = bench.section_model(config, cifar10, QUICK, backend.configure())
     assert [row["steps_per_execution"] for row in section["rows"]] == [1, 16, 1]
     for row in section["rows"]:
         assert "error" not in row, row
@@ -115,13 +117,48 @@ def test_model_section_times_every_variant(config, cifar10):
     assert keras.mixed_precision.global_policy().name == "float32"  # Restored.
 
 
+def _row(augment, rate, **settings):
+    """A model section row: the trial's settings unless `settings` says otherwise."""
+    row = {"mixed_precision": False, "jit_compile": False, "batch_size": 32}
+    row |= {"steps_per_execution": 1, **settings}
+    return row | {"augment": augment, "images_per_second": rate}
+
+
 def test_pipeline_is_compared_with_the_model(config, cifar10):
     splits = data_lib.split(cifar10, config.data, seed=0)
-    section = bench.section_pipeline(config, splits, QUICK, model_rate=100.0)
+    model = {"rows": [_row(False, 100.0), _row(True, 90.0)]}
+    section = bench.section_pipeline(config, splits, QUICK, model, backend.configure())
     assert section["images"] == len(splits.y_train)
-    assert _positive(section["images_per_second"])
-    assert section["ratio_to_model"] == pytest.approx(section["images_per_second"] / 100)
+    for key in ("images_per_second", "keras_loop_images_per_second"):
+        assert _positive(section[key]), key
+    slower = min(section["images_per_second"], section["keras_loop_images_per_second"])
+    assert section["ratio_to_model"] == pytest.approx(slower / 100)
     assert section["bottleneck"] == (section["ratio_to_model"] < 1)
+    assert section["augmentation"]["in_model_images_per_second"] == 90.0
+
+
+def test_augmentation_goes_where_it_is_faster():
+    rows = [_row(False, 100.0), _row(False, 50.0, batch_size=64), _row(True, 80.0)]
+    # Off a GPU the host augments, then trains: 1 / (1/100 + 1/400) = 80 images/s.
+    on_cpu = bench._augmentation_choice(rows, numpy_rate=400.0, gpu=False)
+    assert on_cpu["in_input_images_per_second"] == pytest.approx(80.0)
+    assert on_cpu["faster"] == "model"  # A tie stays in the model.
+    assert bench._augmentation_choice(rows, numpy_rate=300.0, gpu=False)["faster"] == "model"
+    # With a GPU the input overlaps the device: the slower of the two decides.
+    assert bench._augmentation_choice(rows, numpy_rate=90.0, gpu=True)["faster"] == "input"
+    assert bench._augmentation_choice(rows[:2], numpy_rate=90.0, gpu=True) is None
+
+
+def test_numpy_augmentation_flips_and_shifts_like_the_model():
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    out = bench.numpy_flip_shift(images, np.random.default_rng(1))
+    padded = np.pad(images, [(0, 0), (4, 4), (4, 4), (0, 0)], mode="reflect")
+    for index in range(8):
+        crops = [
+            padded[index, dy : dy + 32, dx : dx + 32][:, ::step]
+            for dy in range(9) for dx in range(9) for step in (1, -1)
+        ]  # fmt: skip
+        assert any(np.array_equal(out[index], crop) for crop in crops)
 
 
 def test_bare_fit_and_local_mode_are_timed_once_an_epoch(config, cifar10, tmp_path):
@@ -180,6 +217,9 @@ def test_command_line_options():
     assert options("--rounds", "6").sizes.overhead_rounds == 6
     with pytest.raises(ConfigError, match="--rounds: 0; it must be at least 1"):
         options("--rounds", "0")
+    assert options("--images", "300").sizes.overhead_images == 300
+    with pytest.raises(ConfigError, match="--images: 5; it must be at least 10"):
+        options("--images", "5")
 
 
 def test_gpu_targets_are_checked_only_on_a_gpu():

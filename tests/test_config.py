@@ -93,6 +93,17 @@ BAD_OVERRIDES = [
     ("optimizer.warmup_epochs=40", "optimizer.warmup_epochs"),
     ("training.steps_per_execution=0", "training.steps_per_execution"),
     ("training.steps_per_execution=fast", "training.steps_per_execution"),
+    (
+        "training.checkpoint_every=often",
+        "training.checkpoint_every: must be auto or a whole number of epochs >= 1 (got 'often')",
+    ),
+    ("training.checkpoint_every=0", "training.checkpoint_every: must be auto or a whole number"),
+    ("training.checkpoint_every=1.5", "training.checkpoint_every: must be auto or a whole number"),
+    ("training.checkpoint_every=true", "training.checkpoint_every: must be auto or a whole number"),
+    (
+        "training.checkpoint_seconds=0",
+        "training.checkpoint_seconds: Input should be greater than 0",
+    ),
 ]
 
 
@@ -117,6 +128,8 @@ def test_auto_training_settings_follow_the_device():
         "jit_compile": False,
         "steps_per_execution": 1,
     }
+    # Uncompiled JAX runs op by op: it compiles on CPU too.
+    assert auto.resolve(gpu=False, backend="jax")["jit_compile"] is True
     chosen = load_config(
         None, ["training.mixed_precision=false", "training.steps_per_execution=4"]
     ).training
@@ -125,6 +138,14 @@ def test_auto_training_settings_follow_the_device():
         "jit_compile": True,
         "steps_per_execution": 4,
     }
+
+
+def test_checkpoint_cadence_by_time_by_default_or_by_epochs():
+    training = load_config(None, []).training
+    assert (training.checkpoint_every, training.checkpoint_seconds) == ("auto", 60.0)
+    assert load_config(None, ["training.checkpoint_every=3"]).training.checkpoint_every == 3
+    # A whole number read back from a CSV as a float is still a number of epochs.
+    assert validate({"training": {"checkpoint_every": 2.0}}).training.checkpoint_every == 2
 
 
 def test_label_smoothing_only_where_defined():

@@ -1,10 +1,13 @@
-"""Every registered loss against a NumPy reference formula, with its head and targets."""
+"""Every registered loss against a NumPy reference formula, with its head and targets, on
+each Keras backend (the other backend's values come from a process of its own)."""
 
 import numpy as np
 import pytest
 
 from study.config import LossConfig
-from study.losses import LOSSES, build_loss, head_for, target_encoder
+from study.losses import LOSSES, build_loss, head_for, target_table
+
+from .conftest import BACKENDS, on_backends
 
 K = 5
 RNG = np.random.default_rng(0)
@@ -46,32 +49,72 @@ REFERENCES = {
     "categorical_hinge": _crammer_singer,
 }
 
+# Each case: the loss config, the network's outputs and labels it sees, and the value that
+# the reference formula gives.
+NEGATIVE_SCORES = np.array([[0.5, -2.0, -3.0]])  # Keras's CategoricalHinge would use 0 here.
+CASES = {
+    **{
+        name: (LossConfig(name=name), LABELS, PROBS if head == "softmax" else SCORES)
+        for name, head in ((name, head_for(LossConfig(name=name))) for name in LOSSES)
+    },
+    # The notebook's mode: a softmax head for every loss.
+    **{
+        f"{name} on softmax": (LossConfig(name=name, head="softmax"), LABELS, PROBS)
+        for name in LOSSES
+    },
+    "categorical_crossentropy, smoothing 0.1": (
+        LossConfig(name="categorical_crossentropy", label_smoothing=0.1),
+        LABELS,
+        PROBS,
+    ),
+    "focal, gamma 0.5, smoothing 0.2": (
+        LossConfig(name="focal", focal_gamma=0.5, label_smoothing=0.2),
+        LABELS,
+        PROBS,
+    ),
+    "focal, gamma 0": (LossConfig(name="focal", focal_gamma=0.0), LABELS, PROBS),
+    "categorical_hinge, all wrong scores negative": (
+        LossConfig(name="categorical_hinge"),
+        np.array([0]),
+        NEGATIVE_SCORES,
+    ),
+}
+EXPECTED = {
+    **{name: REFERENCES[name](ONE_HOT, CASES[name][2]) for name in LOSSES},
+    **{f"{name} on softmax": REFERENCES[name](ONE_HOT, PROBS) for name in LOSSES},
+    "categorical_crossentropy, smoothing 0.1": _cce(ONE_HOT, PROBS, 0.1),
+    "focal, gamma 0.5, smoothing 0.2": _focal(ONE_HOT, PROBS, gamma=0.5, smoothing=0.2),
+    "focal, gamma 0": _cce(ONE_HOT, PROBS),  # gamma = 0 makes the focal loss cross-entropy.
+    "categorical_hinge, all wrong scores negative": max(0.0, 1 - 2.0 - 0.5),
+}
 
-def _keras_value(config, outputs):
-    import tensorflow as tf
 
-    targets = target_encoder(config, K)(tf.constant(LABELS))
-    return float(build_loss(config)(targets, tf.constant(outputs, tf.float32)))
+def loss_values() -> dict[str, float]:
+    """Every case's loss as Keras computes it on this process's backend."""
+    import keras
+
+    values = {}
+    for case, (config, labels, outputs) in CASES.items():
+        targets = target_table(config, outputs.shape[1])[labels]
+        value = build_loss(config)(targets, outputs.astype("float32"))
+        values[case] = float(keras.ops.convert_to_numpy(value))
+    return values
+
+
+@pytest.fixture(scope="module")
+def backend_values():
+    return on_backends(__name__, "loss_values")
 
 
 def test_every_loss_has_a_reference():
     assert set(REFERENCES) == set(LOSSES)
+    assert set(EXPECTED) == set(CASES)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_loss_matches_reference(name):
-    config = LossConfig(name=name)
-    outputs = PROBS if head_for(config) == "softmax" else SCORES
-    expected = REFERENCES[name](ONE_HOT, outputs)
-    assert _keras_value(config, outputs) == pytest.approx(expected, rel=1e-4)
-
-
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_notebook_mode_uses_softmax_for_every_loss(name):
-    config = LossConfig(name=name, head="softmax")
-    assert head_for(config) == "softmax"
-    expected = REFERENCES[name](ONE_HOT, PROBS)
-    assert _keras_value(config, PROBS) == pytest.approx(expected, rel=1e-4)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_matches_reference(backend_values, backend, case):
+    assert backend_values[backend][case] == pytest.approx(EXPECTED[case], rel=1e-4)
 
 
 def test_heads_and_targets_as_documented():
@@ -81,27 +124,15 @@ def test_heads_and_targets_as_documented():
     assert heads["hinge"] == heads["squared_hinge"] == heads["categorical_hinge"] == "linear"
     assert heads["mean_squared_error"] == "linear"
     assert LOSSES["hinge"].targets == "signed" and LOSSES["categorical_hinge"].targets == "one_hot"
+    for name in LOSSES:
+        assert head_for(LossConfig(name=name, head="softmax")) == "softmax"
 
 
-def test_label_smoothing_and_focal_gamma():
-    config = LossConfig(name="categorical_crossentropy", label_smoothing=0.1)
-    assert _keras_value(config, PROBS) == pytest.approx(_cce(ONE_HOT, PROBS, 0.1), rel=1e-4)
-    config = LossConfig(name="focal", focal_gamma=0.5, label_smoothing=0.2)
-    expected = _focal(ONE_HOT, PROBS, gamma=0.5, smoothing=0.2)
-    assert _keras_value(config, PROBS) == pytest.approx(expected, rel=1e-4)
-    # gamma = 0 makes the focal loss cross-entropy.
-    config = LossConfig(name="focal", focal_gamma=0.0)
-    assert _keras_value(config, PROBS) == pytest.approx(_cce(ONE_HOT, PROBS), rel=1e-4)
+def _value(config: LossConfig, outputs) -> float:
+    import keras
 
-
-def test_categorical_hinge_when_all_wrong_scores_are_negative():
-    # Where Keras' CategoricalHinge would use 0 instead of the best wrong score.
-    import tensorflow as tf
-
-    scores = np.array([[0.5, -2.0, -3.0]])
-    loss = build_loss(LossConfig(name="categorical_hinge"))
-    value = float(loss(tf.constant([[1.0, 0, 0]]), tf.constant(scores, tf.float32)))
-    assert value == pytest.approx(max(0.0, 1 - 2.0 - 0.5))
+    targets = target_table(config, K)[LABELS]
+    return float(keras.ops.convert_to_numpy(build_loss(config)(targets, outputs.astype("float32"))))
 
 
 def test_hinge_on_softmax_outputs_is_linear_in_the_true_class_probability():
@@ -110,10 +141,22 @@ def test_hinge_on_softmax_outputs_is_linear_in_the_true_class_probability():
     (K + 1 - 2 p_true) / K: it only pushes up p_true, with a gradient through the softmax
     of p_true (1 - p_true) * 2/K, which vanishes for the images the model gets wrong
     (p_true near 0). On raw class scores (its own, linear head) the margins can be met."""
-    config = LossConfig(name="hinge", head="softmax")
     p_true = PROBS[np.arange(len(LABELS)), LABELS]
     expected = ((K + 1 - 2 * p_true) / K).mean()
-    assert _keras_value(config, PROBS) == pytest.approx(expected, rel=1e-5)
-    # On linear scores some margins are met (no loss from them): not the same function.
-    met = (1 - _signed(ONE_HOT) * SCORES) <= 0
-    assert met.any()
+    assert _value(LossConfig(name="hinge", head="softmax"), PROBS) == pytest.approx(
+        expected, rel=1e-5
+    )
+    # On linear scores, where margins can be met, the same loss is not that line.
+    on_scores = _value(LossConfig(name="hinge"), SCORES)
+    assert on_scores != pytest.approx(((K + 1 - 2 * SCORES[np.arange(8), LABELS]) / K).mean())
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_targets_are_encoded_as_each_loss_declares(name):
+    """-1/+1 for the one-vs-all hinges, one-hot for the rest, as float32. (Keras' Hinge
+    turns 0/1 targets into -1/+1 by itself, so the loss values alone could not tell.)"""
+    targets = target_table(LossConfig(name=name), K)[LABELS]
+    expected = _signed(ONE_HOT) if LOSSES[name].targets == "signed" else ONE_HOT
+    np.testing.assert_array_equal(targets, expected)
+    assert targets.dtype == np.float32
+    assert LOSSES[name].targets == ("signed" if name in ("hinge", "squared_hinge") else "one_hot")

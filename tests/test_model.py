@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from study.config import validate
-from study.model import build_model
+from study.model import FlipShift, build_model
 
 
 def _config(**sections):
@@ -64,7 +64,7 @@ def test_width_dataset_and_options():
     assert model.get_layer("block1_conv1").filters == 32
     assert model.get_layer("dense").units == 256
     assert sum("_bn" in n for n in names) == 6
-    assert "random_flip" in names and "random_shift" in names
+    assert "flip_shift" in names
     assert not any("block" in n and "dropout" in n for n in names)
     assert not model.get_layer("block1_conv1").use_bias
 
@@ -74,6 +74,46 @@ def test_augmentation_and_dropout_only_in_training():
     x = _images(2)
     np.testing.assert_allclose(model(x, training=False), model(x, training=False))
     assert not np.allclose(model(x, training=True), model(x, training=False))
+
+
+def _candidates(image, pad=4):
+    """Every flip and whole-pixel shift of up to `pad` pixels, edges reflected."""
+    padded = np.pad(image, [(pad, pad), (pad, pad), (0, 0)], mode="reflect")
+    size = image.shape[0]
+    for flip in (False, True):
+        for dy in range(2 * pad + 1):
+            for dx in range(2 * pad + 1):
+                crop = padded[dy : dy + size, dx : dx + size]
+                yield (flip, dy - pad, dx - pad), crop[:, ::-1] if flip else crop
+
+
+def test_augmentation_flips_and_shifts_each_image_and_is_identity_at_inference():
+    x = _images(32)
+    layer = FlipShift(seed=3)
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+    augmented = np.asarray(layer(x, training=True))
+    assert augmented.dtype == np.uint8
+    drawn = []
+    for image, result in zip(x, augmented, strict=True):
+        matches = [
+            how for how, candidate in _candidates(image) if np.array_equal(candidate, result)
+        ]
+        assert matches, "not a flip and shift of its image"
+        drawn.append(matches[0])
+    # Drawn per image: over 32 images, both flips and many shifts, up to 4 pixels.
+    assert {flip for flip, _, _ in drawn} == {False, True}
+    assert len(set(drawn)) > 10
+    assert max(max(abs(dy), abs(dx)) for _, dy, dx in drawn) <= 4
+
+
+def test_an_augmented_model_saves_and_loads_in_safe_mode(tmp_path):
+    import keras
+
+    model = build_model(_config(model={"width": 0.0625, "augment": True}))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True, compile=False)
+    x = _images(4)
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("width", [0.01, 0.5, 2.0])

@@ -42,27 +42,46 @@ def test_constant():
     assert _rate(optimizer, 0) == _rate(optimizer, 1000) == pytest.approx(0.3)
 
 
+# One step from var = 1 with gradient g = 0.5 and no weight decay, by each update rule:
+# Adam (bias-corrected) moves by lr * g / |g|; RMSprop (rho 0.9, first step) by
+# lr * g / sqrt(0.1 g^2); Nesterov SGD (momentum m) by lr * (1 + m) * g.
+LR, G, M = 0.02, 0.5, 0.8
+FIRST_STEP = {
+    "adam": LR,
+    "adamw": LR,
+    "rmsprop": LR * G / math.sqrt(0.1 * G**2),
+    "sgd": LR * (1 + M) * G,
+}
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_each_optimizer_builds_with_its_settings(name):
-    config = OptimizerConfig(name=name, learning_rate=0.02, weight_decay=1e-3, momentum=0.8)
-    optimizer = build_optimizer(config, 10, 5)
-    assert optimizer.__class__.__name__.lower() == name
-    assert optimizer.weight_decay == pytest.approx(1e-3)
-    if name == "sgd":
-        assert optimizer.momentum == pytest.approx(0.8) and optimizer.nesterov
-
-
-def test_weight_decay_is_decoupled_and_skips_biases():
+def test_each_optimizer_takes_its_first_step_by_its_formula(name):
     import keras
 
-    layer = keras.layers.Dense(2, kernel_initializer="ones", bias_initializer="ones")
-    layer.build((None, 3))
-    config = OptimizerConfig(
-        name="sgd", learning_rate=0.1, weight_decay=0.5, momentum=0.0, schedule="constant"
-    )
+    config = OptimizerConfig(name=name, learning_rate=LR, momentum=M, schedule="constant")
+    optimizer = build_optimizer(config, 10, 5)
+    assert optimizer.__class__.__name__.lower() == name
+    var = keras.Variable(np.ones(3, "float32"))
+    optimizer.apply_gradients([(np.full(3, G, "float32"), var)])
+    np.testing.assert_allclose(var.numpy(), 1 - FIRST_STEP[name], rtol=1e-4)
+
+
+def test_weight_decay_is_decoupled_and_skips_biases_and_batch_norm():
+    """Adam with a zero gradient: decoupled decay (var -= lr * wd * var) moves a kernel by
+    exactly lr * wd; coupled L2 (grad += wd * var) would move it by about lr, since Adam
+    normalises the gradient. Biases and batch norm's scale and offset are not decayed."""
+    import keras
+
+    inputs = keras.Input((3,))
+    dense = keras.layers.Dense(2, kernel_initializer="ones", bias_initializer="ones")
+    norm = keras.layers.BatchNormalization(gamma_initializer="ones", beta_initializer="ones")
+    keras.Model(inputs, norm(dense(inputs)))
+    config = OptimizerConfig(name="adam", learning_rate=0.1, weight_decay=0.5, schedule="constant")
     optimizer = build_optimizer(config, 1, 1)
-    zeros = [np.zeros(v.shape, "float32") for v in layer.trainable_variables]
-    optimizer.apply_gradients(zip(zeros, layer.trainable_variables, strict=True))
-    kernel, bias = (v.numpy() for v in layer.trainable_variables)
-    np.testing.assert_allclose(kernel, 1 - 0.1 * 0.5)  # var -= lr * wd * var
-    np.testing.assert_allclose(bias, 1.0)
+    variables = [*dense.trainable_variables, *norm.trainable_variables]
+    zeros = [np.zeros(v.shape, "float32") for v in variables]
+    optimizer.apply_gradients(zip(zeros, variables, strict=True))
+    kernel, bias, gamma, beta = (v.numpy() for v in variables)
+    np.testing.assert_allclose(kernel, 1 - 0.1 * 0.5, rtol=1e-6)
+    for untouched in (bias, gamma, beta):
+        np.testing.assert_allclose(untouched, 1.0)

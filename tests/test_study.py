@@ -17,10 +17,13 @@ import pytest
 import yaml
 from ray import tune
 
+from analysis.results import comparison, format_comparison
+
 from .conftest import (
     REPO,
     free_port,
     read_trials,
+    require_jax,
     run_cli,
     start_cli,
     study_args,
@@ -110,12 +113,10 @@ def test_study_searches_stops_early_and_writes_its_tables(
     for trial in trials.to_dict("records"):
         for key in ("loss.name", "optimizer.name", "optimizer.learning_rate", "training.epochs"):
             assert frame.loc[trial["trial_id"], f"config/{key}"] == trial[key], key
-    # The final table: every loss, ranked by its best full-budget trial.
-    assert (
-        "Per loss.name, ranked by the best val_accuracy of a trial that ran all 4" in result.stdout
-    )
-    for loss in set(trials["loss.name"]):
-        assert loss in result.stdout
+    # The final table is the comparison of trials.csv: every loss, ranked by its best
+    # full-budget trial.
+    expected = format_comparison(comparison(trials, "loss.name", 4), "loss.name", 4)
+    assert expected in result.stdout
 
 
 def _table_cells(stdout: str, row_word: str, column: str) -> list[str]:
@@ -126,10 +127,16 @@ def _table_cells(stdout: str, row_word: str, column: str) -> list[str]:
     return [row[header.index(column)] for row in rows if row_word in row]
 
 
-def test_the_default_config_study_shows_a_left_out_key_as_empty(tmp_path, cifar10_tarball, ray_env):
+def test_the_default_config_study_on_jax_shows_a_left_out_key_as_empty(
+    tmp_path, cifar10_tarball, ray_env
+):
     """configs/default.yaml (the main job's config), shrunk: its best trial is a hinge trial,
     which label smoothing's condition leaves out. Ray's progress table looked that key up
-    in the best trial's config and crashed the driver; now the key is there, empty."""
+    in the best trial's config and crashed the driver; now the key is there, empty.
+
+    Run with KERAS_BACKEND=jax on the driver: the trial, in its Ray worker, trains on JAX
+    (a small study on the other backend, where one study is all the test needs)."""
+    require_jax()
     shrink = [
         "data.dataset=cifar10", "data.train_subset=200", "data.test_subset=50",
         "data.validation_size=50", "model.width=0.0625", "training.epochs=2",
@@ -139,7 +146,8 @@ def test_the_default_config_study_shows_a_left_out_key_as_empty(tmp_path, cifar1
     result = run_cli(
         "study.run", "--config", REPO / "configs" / "default.yaml", "--data-dir", cifar10_tarball,
         *(arg for item in shrink for arg in ("--set", item)), "--num-samples", "1",
-        "--storage-path", tmp_path, "--name", "default", "--no-dashboard", env=ray_env,
+        "--storage-path", tmp_path, "--name", "default", "--no-dashboard",
+        env={**ray_env, "KERAS_BACKEND": "jax"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -147,66 +155,51 @@ def test_the_default_config_study_shows_a_left_out_key_as_empty(tmp_path, cifar1
         "'loss.name': 'hinge'" in result.stdout and "'loss.label_smoothing': None" in result.stdout
     )
     assert _table_cells(result.stdout, "hinge", "label_smoothing") == [""]
-    trials = pd.read_csv(tmp_path / "default" / "trials.csv")
+    trials = pd.read_csv(tmp_path / "default" / "trials.csv", dtype={"trial_id": str})
     assert trials["loss.label_smoothing"].isna().all()  # Empty in every view alike.
+    assert len(trials) == 1 and trials.status.tolist() == ["completed"]
+    assert trials.best_val_accuracy.iloc[0] > 0.1  # Above chance for 10 classes.
+    results = tmp_path / "default" / f"trial_{trials.trial_id.iloc[0]}" / "result.json"
+    reports = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {report["keras_backend"] for report in reports} == {"jax"}
 
 
 def test_logical_gpus_set_concurrency_and_devices(
     tmp_path, study_config, cifar10_tarball, ray_cluster, ray_env
 ):
+    """A head with 2 (logical) GPUs: a GPU per trial runs 2 trials at once, one on each;
+    half a GPU each packs 4, two on each GPU; asking for more GPUs than it has is refused."""
     port = free_port()
     ray_cluster(
-        "--head", f"--port={port}", "--num-cpus=8", "--num-gpus=4", "--include-dashboard=false"
+        "--head", f"--port={port}", "--num-cpus=4", "--num-gpus=2", "--include-dashboard=false"
     )
     address = f"127.0.0.1:{port}"
     # Five epochs, so that every trial is still running when the last one starts.
-    common = ["--address", address, "--gpus", "4", "--set", "training.epochs=5"]
+    common = ["--address", address, "--gpus", "2", "--set", "training.epochs=5"]
 
-    config = study_config(num_samples=4, scheduler="fifo")
+    config = study_config(num_samples=2, scheduler="fifo", stratify=None)
     result = run_study(
         config, cifar10_tarball, tmp_path, "whole", *common, "--gpus-per-trial", "1", env=ray_env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "whole" / "trials.csv", dtype={"gpu_ids": str})
-    assert sorted(trials.gpu_ids) == ["0", "1", "2", "3"]
-    assert _max_overlap(trials) == 4
+    assert sorted(trials.gpu_ids) == ["0", "1"]
+    assert _max_overlap(trials) == 2
 
-    config = study_config(num_samples=8, scheduler="fifo")
+    config = study_config(num_samples=4, scheduler="fifo", stratify=None)
     result = run_study(
         config, cifar10_tarball, tmp_path, "halves", *common, "--gpus-per-trial", "0.5", env=ray_env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "halves" / "trials.csv", dtype={"gpu_ids": str})
-    assert _max_overlap(trials) == 8
-    assert sorted(trials.gpu_ids.value_counts()) == [2, 2, 2, 2]
+    assert _max_overlap(trials) == 4
+    assert sorted(trials.gpu_ids.value_counts()) == [2, 2]
 
-    result = run_study(
-        config,
-        cifar10_tarball,
-        tmp_path,
-        "toomany",
-        "--address",
-        address,
-        "--gpus",
-        "8",
-        env=ray_env,
-    )
+    result = run_study(config, cifar10_tarball, tmp_path, "toomany", "--address", address,
+                       "--gpus", "4", env=ray_env)  # fmt: skip
     assert result.returncode == 2
-    assert "--gpus: asked for 8, but the cluster has 4" in result.stderr
+    assert "--gpus: asked for 4, but the cluster has 2" in result.stderr
     assert not (tmp_path / "toomany").exists()
-
-
-def test_two_node_cluster_runs_trials_on_both(
-    tmp_path, study_config, cifar10_tarball, two_nodes, ray_env
-):
-    address = two_nodes
-    config = study_config(num_samples=4, scheduler="fifo")
-    result = run_study(
-        config, cifar10_tarball, tmp_path, "nodes", "--address", address, env=ray_env
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    trials = pd.read_csv(tmp_path / "nodes" / "trials.csv")
-    assert trials.node_id.nunique() == 2
 
 
 def _saved_state(folder) -> dict:
@@ -255,7 +248,7 @@ def test_interrupted_then_killed_study_resumes_exactly(
     So every trial ends with epochs 1..6 exactly once, and nothing reruns, except the one
     trial whose named checkpoint is then deleted: it falls back to its previous checkpoint
     (epoch 1 still once) and runs again, marked rerun, the epochs after it."""
-    config = study_config(num_samples=5, scheduler="fifo")
+    config = study_config(num_samples=4, scheduler="fifo")
     folder = tmp_path / "killed"
     resume = ["--resume", "--name", "killed", "--storage-path", tmp_path, "--no-dashboard"]
 
@@ -308,7 +301,7 @@ def test_interrupted_then_killed_study_resumes_exactly(
     assert "only resume studies from folders you trust" in result.stderr
     after = read_trials(folder).set_index("trial_id")
     epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
-    assert len(after) == 5 and set(after.status) == {"completed"}
+    assert len(after) == 4 and set(after.status) == {"completed"}
     # Nothing reported before the interruption or the kill was lost.
     kept = epochs.merge(epochs_before, on=["trial_id", "epoch", "rerun"], how="inner")
     assert len(kept) == len(epochs_before)
@@ -322,7 +315,7 @@ def test_interrupted_then_killed_study_resumes_exactly(
     assert sorted(rows[rows.rerun == 1].epoch) == [victim.epochs_run]
     assert "is gone from storage; restored from" in after.loc[victim.trial_id, "warning"]
     # Still a stratified study: each loss its share, each with its own Optuna record.
-    assert sorted(after["loss.name"].value_counts()) == [1, 2, 2]
+    assert sorted(after["loss.name"].value_counts()) == [1, 1, 2]
     storage = f"sqlite:///{folder}/optuna.db"
     stored = [
         trial
@@ -435,30 +428,6 @@ def test_a_time_budget_stops_cleanly_and_a_finished_study_grows(
         assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
         assert sorted(set(steps)) == [1, 2, 3, 4]
-
-
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (["--set", "search.metric=val_loss"], "error: search.metric: unknown metric 'val_loss'"),
-        (
-            ["--set", "search.space.model.width={uniform: [0, 1]}"],
-            "error: search.space.model.width",
-        ),
-        (["--set", "search.space={}"], "error: search.space: empty"),
-        (["--gpus-per-trial", "1"], "error: --gpus-per-trial: the study has no GPUs"),
-    ],
-)
-def test_bad_study_input_exits_2_before_ray_starts(
-    tmp_path, study_config, cifar10_tarball, args, expected, ray_env
-):
-    result = run_study(
-        study_config(), cifar10_tarball, tmp_path, "bad", *args, timeout=120, env=ray_env
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "bad").exists()
 
 
 def test_more_gpus_than_the_machine_has(tmp_path, study_config, cifar10_tarball, ray_env):

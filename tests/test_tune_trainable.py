@@ -43,8 +43,18 @@ def local_ray():
     ray.shutdown()
 
 
+# Both cadences: every epoch, and by time with a tiny interval (a checkpoint at each
+# epoch end too, through the time-based path).
+@pytest.mark.parametrize(
+    "cadence",
+    [
+        ["training.checkpoint_every=1"],
+        ["training.checkpoint_every=auto", "training.checkpoint_seconds=0.001"],
+    ],
+    ids=["every-epoch", "auto"],
+)
 def test_tune_trial_reports_every_epoch_and_resumes_from_its_checkpoint(
-    tmp_path, local_ray, cifar10_tarball
+    tmp_path, local_ray, cifar10_tarball, cadence
 ):
     config = load_config(
         None,
@@ -54,6 +64,7 @@ def test_tune_trial_reports_every_epoch_and_resumes_from_its_checkpoint(
             "data.validation_size=50",
             "training.epochs=3",
             "training.batch_size=32",
+            *cadence,
         ],
     )
     data = data_lib.load_cifar("cifar10", cifar10_tarball)
