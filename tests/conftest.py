@@ -1,6 +1,7 @@
 """Shared fixtures: small CIFAR tarballs in the official format, and the real samples."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -324,3 +326,83 @@ def read_trials(folder: Path, name="trials.csv") -> pd.DataFrame:
         return pd.read_csv(folder / name, dtype={"trial_id": str})
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return pd.DataFrame(columns=["trial_id", "status", "epochs_run"])
+
+
+STUDY_NAME = "tools"
+
+
+@dataclass
+class Study:
+    folder: Path
+    stdout: str
+    stderr: str
+    returncode: int
+    victim: str  # The trial whose worker was killed.
+
+    def trials(self) -> pd.DataFrame:
+        return read_trials(self.folder).set_index("trial_id")
+
+    def epochs(self) -> pd.DataFrame:
+        return pd.read_csv(self.folder / "epochs.csv", dtype={"trial_id": str})
+
+
+def _config(path: Path) -> Path:
+    config = json.loads(json.dumps(TINY_STUDY))
+    config["search"]["space"]["loss.label_smoothing"] = {
+        "uniform": [0.0, 0.1],
+        "when": {"loss.name": ["categorical_crossentropy"]},
+    }
+    config["search"]["max_failures"] = 0
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _kill_a_trial_mid_run(folder: Path) -> str:
+    """SIGSTOPs a trial's worker that has reported epoch 3 of 4 (ASHA's rungs are at 1, 2
+    and 4, so no decision on it is in flight), then SIGKILLs it; returns its id."""
+    victims = []
+
+    def freeze():
+        trials = read_trials(folder)
+        ready = trials[(trials.status == "running") & (trials.epochs_run == 3)]
+        for trial in ready.itertuples():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(trial.pid), signal.SIGSTOP)
+                victims.append(trial)
+                return True
+        return False
+
+    wait_for(freeze, timeout=600, interval=0.05)
+    os.kill(int(victims[0].pid), signal.SIGKILL)
+    return victims[0].trial_id
+
+
+@pytest.fixture(scope="session")
+def shared_study(tmp_path_factory, cifar10_tarball) -> Study:
+    """The one small study that the search and tools tests read (tests/test_tools.py says
+    what it holds); it logs to MLflow and W&B where they are installed."""
+    root = tmp_path_factory.mktemp("tools")
+    config = _config(root / "tools.yaml")
+    command = [
+        sys.executable, "-m", "study.run", *study_args(config, cifar10_tarball, root, STUDY_NAME),
+        *(f"--logger={name}" for name in ("mlflow", "wandb") if importlib.util.find_spec(name)),
+    ]  # fmt: skip
+    with isolated_ray() as env, open(root / "out", "w") as out, open(root / "err", "w") as err:
+        env = {**env, "WANDB_MODE": "offline"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        driver = subprocess.Popen(
+            command, cwd=REPO, stdout=out, stderr=err, env=env, start_new_session=True
+        )
+        try:
+            victim = _kill_a_trial_mid_run(root / STUDY_NAME)
+            driver.wait(timeout=900)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    return Study(
+        root / STUDY_NAME,
+        (root / "out").read_text(),
+        (root / "err").read_text(),
+        driver.returncode,
+        victim,
+    )

@@ -54,18 +54,18 @@ def _max_overlap(trials: pd.DataFrame) -> int:
     return peak
 
 
-def test_study_searches_stops_early_and_writes_its_tables(
-    tmp_path, study_config, cifar10_tarball, ray_env
-):
-    result = run_study(study_config(), cifar10_tarball, tmp_path, "tiny", env=ray_env)
+def test_study_searches_stops_early_and_writes_its_tables(shared_study):
+    """The shared study (tests/conftest.py): 6 tiny trials of 3 losses under ASHA, one
+    trial's worker killed with no retries left."""
+    result, folder, victim = shared_study, shared_study.folder, shared_study.victim
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Ray dashboard: http://127.0.0.1:" in result.stdout
     assert "ray get-auth-token" in result.stdout
-    folder = tmp_path / "tiny"
     trials = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
     epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
     assert len(trials) == 6 and trials.trial_id.is_unique
-    assert set(trials.status) <= {"completed", "early_stopped"}
+    assert trials.set_index("trial_id").status[victim] == "error"
+    assert set(trials.status) <= {"completed", "early_stopped", "error"}
     # ASHA stopped some trials: fewer epochs than running all six to the end.
     assert "early_stopped" in set(trials.status)
     assert trials.epochs_run.sum() < 6 * 4
@@ -91,10 +91,10 @@ def test_study_searches_stops_early_and_writes_its_tables(
     assert trials["loss.name"].value_counts().to_dict() == dict.fromkeys(
         set(trials["loss.name"]), 2
     )
-    states = {"completed": "COMPLETE", "early_stopped": "PRUNED", "diverged": "FAIL"}
+    states = {"completed": "COMPLETE", "early_stopped": "PRUNED", "error": "FAIL"}
     storage = f"sqlite:///{folder}/optuna.db"
     for loss, group in trials.groupby("loss.name"):
-        stored = optuna.load_study(study_name=f"tiny/{loss}", storage=storage)
+        stored = optuna.load_study(study_name=f"{folder.name}/{loss}", storage=storage)
         assert stored.metric_names == ["val_accuracy"]
         by_id = {t.user_attrs["ray_trial_id"]: t for t in stored.trials}
         assert set(by_id) == set(group.trial_id)
@@ -381,12 +381,12 @@ def test_a_time_budget_stops_cleanly_and_a_finished_study_grows(
     # MLflow's default store: the study folder's SQLite file.
     env = {k: v for k, v in ray_env.items() if not k.startswith("MLFLOW_")}
     code, stdout, stderr = _stop_at_the_budget(
-        folder, [*args, "--time-budget", "60s"], env, tmp_path
+        folder, [*args, "--time-budget", "45s"], env, tmp_path
     )
     assert code == 0, stderr[-3000:]
-    assert "time budget of 1m00s spent: stopping the study" in stdout
+    assert "time budget of 45s spent: stopping the study" in stdout
     command = f"python -m study.run --resume --name bounded --storage-path {tmp_path}"
-    assert f"stopped at its time budget (1m00s); continue with: {command}" in stdout
+    assert f"stopped at its time budget (45s); continue with: {command}" in stdout
     assert "Stop signal received" not in stderr  # Ray's words for Ctrl-C: not what happened.
     stopped = read_trials(folder)
     epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})

@@ -4,10 +4,11 @@ Ray's results API; and what the console shows while it runs: a progress line, ea
 trial's output in its folder, a failed trial named with its traceback's file, no
 start-up noise.
 
-One small study serves every study test here (a module fixture): 6 tiny trials of 3
-losses, ASHA, label smoothing searched for cross-entropy only (so other trials leave it
-out), `--logger mlflow --logger wandb` with W&B offline, and one trial's worker killed
-mid-run with no retries left, so that each tool also shows a failed trial.
+One small study serves every study test here and test_study.py's search test
+(`shared_study`, tests/conftest.py): 6 tiny trials of 3 losses, ASHA, label smoothing
+searched for cross-entropy only (so other trials leave it out), `--logger mlflow --logger
+wandb` with W&B offline, and one trial's worker killed mid-run with no retries left, so
+that each tool also shows a failed trial.
 """
 
 import contextlib
@@ -19,7 +20,6 @@ import struct
 import subprocess
 import sys
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,11 @@ from study.config import flatten
 
 from .conftest import (
     REPO,
+    STUDY_NAME,
     TINY_STUDY,
+    Study,
     free_port,
     isolated_ray,
-    read_trials,
     run_cli,
     study_args,
     wait_for,
@@ -43,7 +44,7 @@ from .conftest import (
 for package in ("tensorboard", "mlflow", "wandb", "optuna_dashboard"):
     pytest.importorskip(package, reason="the tools: pip install -e '.[viz,mlflow,wandb]'")
 
-NAME = "tools"
+NAME = STUDY_NAME
 # The lines the console must not show: TensorFlow's native start-up, Ray's and Optuna's
 # informational lines, and the warnings that the study's own correct settings trigger.
 NOISE = (
@@ -62,79 +63,9 @@ NOISE = (
 )
 
 
-@dataclass
-class Study:
-    folder: Path
-    stdout: str
-    stderr: str
-    returncode: int
-    victim: str  # The trial whose worker was killed.
-
-    def trials(self) -> pd.DataFrame:
-        return read_trials(self.folder).set_index("trial_id")
-
-    def epochs(self) -> pd.DataFrame:
-        return pd.read_csv(self.folder / "epochs.csv", dtype={"trial_id": str})
-
-
-def _config(path: Path) -> Path:
-    config = json.loads(json.dumps(TINY_STUDY))
-    config["search"]["space"]["loss.label_smoothing"] = {
-        "uniform": [0.0, 0.1],
-        "when": {"loss.name": ["categorical_crossentropy"]},
-    }
-    config["search"]["max_failures"] = 0
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def _kill_a_trial_mid_run(folder: Path) -> str:
-    """SIGSTOPs a trial's worker that has reported epoch 3 of 4 (ASHA's rungs are at 1, 2
-    and 4, so no decision on it is in flight), then SIGKILLs it; returns its id."""
-    victims = []
-
-    def freeze():
-        trials = read_trials(folder)
-        ready = trials[(trials.status == "running") & (trials.epochs_run == 3)]
-        for trial in ready.itertuples():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(trial.pid), signal.SIGSTOP)
-                victims.append(trial)
-                return True
-        return False
-
-    wait_for(freeze, timeout=600, interval=0.05)
-    os.kill(int(victims[0].pid), signal.SIGKILL)
-    return victims[0].trial_id
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, cifar10_tarball) -> Study:
-    root = tmp_path_factory.mktemp("tools")
-    config = _config(root / "tools.yaml")
-    command = [
-        sys.executable, "-m", "study.run", *study_args(config, cifar10_tarball, root, NAME),
-        "--no-dashboard", "--logger", "mlflow", "--logger", "wandb",
-    ]  # fmt: skip
-    with isolated_ray() as env, open(root / "out", "w") as out, open(root / "err", "w") as err:
-        env = {**env, "WANDB_MODE": "offline"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        driver = subprocess.Popen(
-            command, cwd=REPO, stdout=out, stderr=err, env=env, start_new_session=True
-        )
-        try:
-            victim = _kill_a_trial_mid_run(root / NAME)
-            driver.wait(timeout=900)
-        finally:
-            if driver.poll() is None:
-                os.killpg(driver.pid, signal.SIGKILL)
-    return Study(
-        root / NAME,
-        (root / "out").read_text(),
-        (root / "err").read_text(),
-        driver.returncode,
-        victim,
-    )
+def study(shared_study):
+    return shared_study
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +163,8 @@ def test_tensorboard_reads_each_trials_epochs_and_hyperparameters(study):
         events = event_accumulator.EventAccumulator(str(study.folder / f"trial_{trial_id}"))
         events.Reload()
         rows = epochs[epochs.trial_id == trial_id]
+        tags = set(events.Tags()["scalars"])
+        assert {"loss", "accuracy", "val_loss", "learning_rate", "images_per_second"} <= tags
         scalars = events.Scalars("val_accuracy")
         assert [s.step for s in scalars] == rows.epoch.tolist(), trial_id
         assert [s.value for s in scalars] == pytest.approx(rows.val_accuracy.tolist())
