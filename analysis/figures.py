@@ -121,6 +121,20 @@ def confirmation_figure(results: StudyResults, out: Path) -> Path:
         style = {"color": colour(value), "marker": MARKERS.get(value, "o")}
         axis.scatter(values, row + np.asarray(jitter), alpha=0.6, s=30, **style)
         mean = entry["mean_test_accuracy"]
+        if entry.get("diverged_seeds"):
+            said = (
+                "every seed diverged" if np.isnan(mean) else f"+{entry['diverged_seeds']} diverged"
+            )
+            axis.annotate(
+                said,
+                (1, row),
+                xycoords=("axes fraction", "data"),
+                ha="right",
+                va="center",
+                color="tab:red",
+                xytext=(-4, 0),
+                textcoords="offset points",
+            )
         axis.errorbar(
             mean,
             row,

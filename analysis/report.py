@@ -145,10 +145,21 @@ def _confirmation_section(results: StudyResults, out: Path, lines: list[str]) ->
     key = results.key
     lines.append(
         f"Each {key}'s best configuration (by validation) re-trained with "
-        f"{int(table.seeds.max())} seeds at the full budget and tested once per seed. "
+        f"{int((table.seeds + table.diverged_seeds).max())} seeds at the full budget and "
+        "tested once per seed. "
         "Mean test accuracy with its 95% Student's t interval:\n"
     )
     lines.append(_table(table))
+    lost = table[table.diverged_seeds > 0]
+    if not lost.empty:
+        said = ", ".join(
+            f"{row[key]} {row['diverged_seeds']} of {row['seeds'] + row['diverged_seeds']}"
+            for row in lost.to_dict("records")
+        )
+        lines.append(
+            f"\nSeeds that diverged have no test accuracy and are not in the mean: {said}. "
+            "A configuration that diverges on some seeds is less reliable than its mean says."
+        )
     left_out = [value for value in results.values if value not in set(table[key])]
     if left_out:
         lines.append(

@@ -202,18 +202,29 @@ def summary(
     confidence, so `resolved` (the interval excludes 0) keeps its meaning however many
     values are compared."""
     done = confirm[confirm.status == "completed"].dropna(subset=["test_accuracy"])
+    diverged = confirm[confirm.status == "diverged"]
     rows, runs = [], {}
-    for value, group in done.groupby(key, sort=False):
-        by_config = group.groupby("config_id", sort=False).val_accuracy.mean()
-        config_id = by_config.idxmax()  # Chosen by validation: the test set only reports.
-        chosen = group[group.config_id == config_id]
-        mean, low, high = stats.mean_interval(chosen.test_accuracy)
-        runs[value] = chosen.test_accuracy.to_numpy()
+    for value, group in confirm.groupby(key, sort=False):
+        finished = done[done[key] == value]
+        if finished.empty:  # Every seed diverged (or none has finished): no mean to give.
+            config_id = group.config_id.iloc[0]
+            chosen, mean, low, high = finished, np.nan, np.nan, np.nan
+        else:
+            by_config = finished.groupby("config_id", sort=False).val_accuracy.mean()
+            config_id = by_config.idxmax()  # Chosen by validation: the test set only reports.
+            chosen = finished[finished.config_id == config_id]
+            mean, low, high = stats.mean_interval(chosen.test_accuracy)
+            runs[value] = chosen.test_accuracy.to_numpy()
+        lost = diverged[(diverged[key] == value) & (diverged.config_id == config_id)]
+        if finished.empty and lost.empty:
+            continue
         rows.append(
             {
                 key: value,
                 "config_id": config_id,
                 "seeds": len(chosen),
+                # A diverged seed has no test accuracy: not in the mean, but said.
+                "diverged_seeds": len(lost),
                 "mean_val_accuracy": chosen.val_accuracy.mean(),
                 "mean_test_accuracy": mean,
                 "ci_low": low,
@@ -223,9 +234,13 @@ def summary(
     table = pd.DataFrame(rows)
     if table.empty:
         return table, pd.DataFrame()
-    table = table.sort_values("mean_test_accuracy", ascending=False, ignore_index=True)
+    table = table.sort_values(
+        "mean_test_accuracy", ascending=False, na_position="last", ignore_index=True
+    )
+    if not runs:
+        return table, pd.DataFrame()
     reference = reference if reference in runs else table[key].iloc[0]
-    others = [value for value in table[key] if value != reference]
+    others = [value for value in table[key] if value != reference and value in runs]
     level = 1 - (1 - stats.LEVEL) / max(len(others), 1)  # Bonferroni.
     differences = []
     for value in others:
@@ -250,12 +265,24 @@ def format_summary(table: pd.DataFrame, differences: pd.DataFrame, key="loss.nam
         return "no confirmation run has finished"
     lines = [f"Test accuracy per {key}, mean over seeds with its {stats.LEVEL:.0%} interval:"]
     for row in table.to_dict("records"):
+        lost = row.get("diverged_seeds", 0)
+        if not row["seeds"]:
+            lines.append(
+                f"  {row[key]!s:32s} every seed diverged ({lost} of {lost}), "
+                f"config {row['config_id']}"
+            )
+            continue
         interval = f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
-        if np.isnan(row["ci_low"]):  # All seeds alike: no spread to estimate from.
+        if row["seeds"] == 1:
+            interval = "[no interval: one seed]"
+        elif np.isnan(row["ci_low"]):  # All seeds alike: no spread to estimate from.
             interval = "[no interval: every seed gave the same]"
+        seeds = f"{row['seeds']} seed{'s' * (row['seeds'] > 1)}" + (
+            f", {lost} diverged (not in the mean)" if lost else ""
+        )
         lines.append(
             f"  {row[key]!s:32s} {row['mean_test_accuracy']:.4f}  {interval}  "
-            f"{row['seeds']} seeds, config {row['config_id']}"
+            f"{seeds}, config {row['config_id']}"
         )
     if not differences.empty:
         lines.append(

@@ -256,6 +256,12 @@ def test_confirmation_in_the_report_and_leaderboard(study_folder, tmp_path):
         for loss, trial_id in zip(best["loss.name"], best.trial_id, strict=True)
         for seed, accuracy in enumerate(accuracies[loss], start=1)
     ]  # fmt: skip
+    # A fourth seed of cross-entropy diverged: no test accuracy, not in its mean, but said.
+    (reference,) = best.trial_id[best["loss.name"] == "categorical_crossentropy"]
+    rows.append(
+        {**rows[0], "config_id": reference, "seed": 4, "trial_id": "cate4", "status": "diverged"}
+        | dict.fromkeys(["epochs", "val_accuracy", "val_loss", "test_accuracy", "test_loss"])
+    )
     # Written as confirm.csv files were before their first column was named by the compared
     # key ("loss.name"): such files read alike.
     pd.DataFrame(rows).to_csv(copy / "confirm.csv", index=False)
@@ -268,9 +274,12 @@ def test_confirmation_in_the_report_and_leaderboard(study_folder, tmp_path):
         assert board.loc[loss, "test_ci_low"] == pytest.approx(values.mean() - half)
         assert board.loc[loss, "test_ci_high"] == pytest.approx(values.mean() + half)
         assert board.loc[loss, "seeds"] == 3
+        assert board.loc[loss, "diverged_seeds"] == (loss == "categorical_crossentropy")
     report = write_report(copy, tmp_path / "out").read_text()
     _is_png(tmp_path / "out" / "confirmation.png")
     assert "](confirmation.png)" in report and "Welch" in report
+    assert "re-trained with 4 seeds" in report
+    assert "not in the mean: categorical_crossentropy 1 of 4." in report
     if "hinge" in set(best["loss.name"]):  # The baseline makes cross-entropy certain.
         assert "hinge - categorical_crossentropy" in report
         assert "is resolved: hinge is worse than categorical_crossentropy" in report

@@ -99,6 +99,36 @@ def test_a_zero_spread_interval_is_undefined_not_zero_width():
     assert "[no interval: every seed gave the same]" in text
 
 
+def test_a_diverged_seed_is_counted_and_said_not_hidden():
+    """A seed that diverged has no test accuracy: the mean is over the others, and the
+    table and its printed line say how many diverged (a real run: hinge, 1 of 3 seeds).
+    A value whose every seed diverged stays in the table, with no mean."""
+    runs = {
+        "categorical_crossentropy": [0.5, 0.52, 0.51],
+        "hinge": [0.33, 0.32, 0.0],
+        "mean_squared_error": [0.4, 0.0],
+    }
+    frame = _confirm_frame(runs)
+    diverged = frame.trial_id.isin(["hinge-3", "mean_squared_error-2"])
+    frame.loc[diverged, ["status", "val_accuracy", "test_accuracy"]] = ["diverged", None, None]
+    focal = _confirm_frame({"focal": [0.0, 0.0]}).assign(
+        status="diverged", val_accuracy=None, test_accuracy=None
+    )
+    table, differences = confirm.summary(pd.concat([frame, focal], ignore_index=True))
+    table = table.set_index("loss.name")
+    assert table.loc["hinge", "seeds"] == 2 and table.loc["hinge", "diverged_seeds"] == 1
+    assert table.loc["hinge", "mean_test_accuracy"] == pytest.approx(0.325)
+    assert table.loc["categorical_crossentropy", "diverged_seeds"] == 0
+    assert table.loc["focal", "seeds"] == 0 and table.loc["focal", "diverged_seeds"] == 2
+    assert np.isnan(table.loc["focal", "mean_test_accuracy"])
+    assert table.index[-1] == "focal"  # After every value with a mean.
+    assert set(differences["loss.name"]) == {"hinge", "mean_squared_error"}  # Not focal.
+    text = confirm.format_summary(table.reset_index(), differences)
+    assert "2 seeds, 1 diverged (not in the mean), config a" in text
+    assert "focal" in text and "every seed diverged (2 of 2)" in text
+    assert "[no interval: one seed]  1 seed, 1 diverged (not in the mean)" in text
+
+
 def test_each_loss_keeps_the_configuration_best_on_validation():
     frame = pd.concat(
         [
