@@ -1,4 +1,4 @@
-"""A saved model.keras of every loss loads in a fresh Python process, as the README says."""
+"""A saved model.keras of every loss loads in a fresh Python process, as docs/local.md says."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from study.trainable import compile_model
 
 from .conftest import REPO
 
-# The README's recipe, word for word: one import, then Keras's own loader.
+# The docs' recipe (docs/local.md), word for word: one import, then Keras's own loader.
 README_LOAD = "import study.keras_objects\nimport keras\nmodel = keras.models.load_model(path)\n"
 
 
@@ -55,8 +55,8 @@ def test_every_loss_saves_and_loads_in_a_fresh_process(tmp_path):
 
 
 def test_the_readme_shows_this_recipe():
-    """Each line of the recipe that the test above runs stands in the README's example."""
-    readme = (REPO / "README.md").read_text()
+    """Each line of the recipe that the test above runs stands in the docs' example."""
+    readme = (REPO / "docs" / "local.md").read_text()
     example = readme[readme.index("**Loading a saved model**") :].split("```")[1]
     for line in README_LOAD.splitlines():
         assert line.replace("(path)", '("') in example, line
