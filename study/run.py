@@ -23,6 +23,20 @@ from study.search_config import load_study
 # with the editable install that the README uses).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
+HELP = """\
+Which loss, optimizer and regularisation train this CIFAR CNN best? A study searches them
+with Optuna on Ray Tune, every loss with an equal share of trials, and stops weak trials
+early (ASHA); results go to results/NAME/.
+
+  python -m study.run --config configs/laptop.yaml       a study on this machine
+  python -m study.run --gpus 4                           the full study (configs/default.yaml)
+  python -m study.run --resume --name NAME               continue (or grow, --num-samples)
+  python -m study.run --confirm --name NAME --seeds 3    re-train each loss's best over seeds
+  python -m study.run --local --config configs/smoke.yaml   one trial in this process
+
+Exit codes: 0 done, 2 bad input (one line naming the field), 3 a local trial diverged,
+130 interrupted (the resume command is printed)."""
+
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
@@ -59,7 +73,11 @@ def _budget(text: str) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m study.run", description=__doc__)
+    parser = _Parser(
+        prog="python -m study.run",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--local", action="store_true", help="run one trial in this process")
     parser.add_argument(
         "--config", type=Path, help="a YAML file in configs/ (default: configs/default.yaml)"

@@ -219,3 +219,17 @@ def test_every_shipped_config_loads(path):
     loaded = flatten(study.trial.to_dict())
     for key, value in flatten(raw).items():
         assert loaded[key] == value, key
+
+
+def test_help_speaks_to_users_and_its_commands_parse():
+    """`--help` says what the tool answers and shows the everyday commands; each of them
+    is a valid command line (parsed here, nothing run)."""
+    from study import run
+
+    result = run_cli("study.run", "--help")
+    assert result.returncode == 0
+    assert "Which loss, optimizer and regularisation" in result.stdout
+    commands = [line.split("  ")[1] for line in run.HELP.splitlines() if "python -m" in line]
+    assert len(commands) == 5
+    for command in commands:
+        run.parse_args(command.split()[3:])  # Exits 2 on an unknown option or value.
