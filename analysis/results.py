@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from analysis.confirmation import read_confirm, summary
 from study.config import METRIC, config_values, flatten, from_params
-from study.confirm import CONFIRM_FILE, read_confirm, reference_value, summary
+from study.confirm import CONFIRM_FILE, reference_value
 from study.search_config import StudyConfig, load_study
 
 # The 2020 notebook's test accuracies, one run each, measured on the set it validated on.
@@ -55,8 +56,7 @@ class StudyResults:
 
     @property
     def full_budget(self) -> pd.DataFrame:
-        """Trials that ran every epoch: ASHA's early-stopped ones are left out."""
-        return self.reported[self.reported.epochs_run >= self.max_epochs]
+        return full_budget(self.trials, self.max_epochs)
 
     @property
     def key(self) -> str:
@@ -125,6 +125,13 @@ def compared_key(search) -> str:
     return search.stratify or "loss.name"
 
 
+def full_budget(trials: pd.DataFrame, max_epochs: int) -> pd.DataFrame:
+    """The trials that completed every epoch with a result: the only ones compared (ASHA's
+    early-stopped, diverged and failed trials are left out)."""
+    done = trials[(trials.status == "completed") & (trials.epochs_run >= max_epochs)]
+    return done.dropna(subset=[BEST])
+
+
 def comparison(trials: pd.DataFrame, key: str, max_epochs: int, values=()) -> pd.DataFrame:
     """Per value of `key` (the loss, or what the study stratified by): its trials, those
     that ran the full budget, the epochs it spent, and its best full-budget trial with
@@ -134,8 +141,7 @@ def comparison(trials: pd.DataFrame, key: str, max_epochs: int, values=()) -> pd
     rows = []
     for value in dict.fromkeys([*values, *trials.get(key, pd.Series(dtype=object))]):
         group = trials[trials[key] == value] if key in trials else trials.iloc[:0]
-        full = group[(group.status == "completed") & (group.epochs_run >= max_epochs)]
-        full = full.dropna(subset=[BEST])
+        full = full_budget(group, max_epochs)
         best = full.loc[full[BEST].idxmax()] if len(full) else None
         rows.append(
             {

@@ -12,23 +12,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from study import data as data_lib
-from study import results, stats
+from analysis.confirmation import REFERENCE_LOSS, format_summary, read_confirm, summary
+from study import results
 from study.config import METRIC, MODE, ConfigError, config_values, flatten, from_params, validate
-from study.console import RAY_NOISE, native_stderr_filtered
 from study.search_config import StudyConfig, load_study
 from study.tuning import (
     CONFIG_FILE,
     StudyOptions,
-    budget_spent,
-    check_cluster,
     check_options,
-    connect,
     failed_trials,
     finished,
+    interrupted,
+    load_data,
+    ray_session,
     recorded_epochs,
     resilient,
     resources,
@@ -49,7 +47,6 @@ RUN_COLUMNS = [
     "test_accuracy",
     "test_loss",
 ]
-REFERENCE_LOSS = "categorical_crossentropy"
 
 
 def compared(study: StudyConfig) -> tuple[str, list]:
@@ -71,7 +68,7 @@ def reference_value(study: StudyConfig, key: str):
 def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[list[dict], list]:
     """Each compared value's best `top_per_loss` full-budget trials by validation accuracy,
     as candidates {value, config_id, config}; and a note on each value left out, and why."""
-    from analysis.results import comparison
+    from analysis.results import comparison, full_budget
 
     trials_file = results_dir / "trials.csv"
     if not trials_file.is_file():
@@ -84,8 +81,7 @@ def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[li
     if unfinished:
         notes.append(f"{unfinished} trials of the study had not finished; resume it first?")
     base = study.trial.to_dict()
-    full = trials[(trials.status == "completed") & (trials.epochs_run >= epochs)]
-    full = full.dropna(subset=[f"best_{METRIC}"])
+    full = full_budget(trials, epochs)
     candidates = []
     for row in comparison(trials, key, epochs, values).to_dict("records"):
         value = row[key]
@@ -184,120 +180,6 @@ def confirm_rows(trials: dict[str, dict], key: str) -> list[dict]:
     return rows
 
 
-def read_confirm(path: Path) -> pd.DataFrame:
-    """confirm.csv; files written before it named the compared key say `loss`."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return pd.DataFrame()
-    confirm = pd.read_csv(path, dtype={"config_id": str, "trial_id": str})
-    return confirm.rename(columns={"loss": "loss.name"})
-
-
-def summary(
-    confirm: pd.DataFrame, key: str = "loss.name", reference=REFERENCE_LOSS
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per compared value: its configuration with the best mean validation accuracy over
-    seeds, and that configuration's mean test accuracy with a 95% t interval. Then each
-    value's difference to `reference` (or to the best value), with Welch's interval,
-    Bonferroni-corrected for the number of differences: together they hold with 95%
-    confidence, so `resolved` (the interval excludes 0) keeps its meaning however many
-    values are compared."""
-    done = confirm[confirm.status == "completed"].dropna(subset=["test_accuracy"])
-    diverged = confirm[confirm.status == "diverged"]
-    rows, runs = [], {}
-    for value, group in confirm.groupby(key, sort=False):
-        finished = done[done[key] == value]
-        if finished.empty:  # Every seed diverged (or none has finished): no mean to give.
-            config_id = group.config_id.iloc[0]
-            chosen, mean, low, high = finished, np.nan, np.nan, np.nan
-        else:
-            by_config = finished.groupby("config_id", sort=False).val_accuracy.mean()
-            config_id = by_config.idxmax()  # Chosen by validation: the test set only reports.
-            chosen = finished[finished.config_id == config_id]
-            mean, low, high = stats.mean_interval(chosen.test_accuracy)
-            runs[value] = chosen.test_accuracy.to_numpy()
-        lost = diverged[(diverged[key] == value) & (diverged.config_id == config_id)]
-        if finished.empty and lost.empty:
-            continue
-        rows.append(
-            {
-                key: value,
-                "config_id": config_id,
-                "seeds": len(chosen),
-                # A diverged seed has no test accuracy: not in the mean, but said.
-                "diverged_seeds": len(lost),
-                "mean_val_accuracy": chosen.val_accuracy.mean(),
-                "mean_test_accuracy": mean,
-                "ci_low": low,
-                "ci_high": high,
-            }
-        )
-    table = pd.DataFrame(rows)
-    if table.empty:
-        return table, pd.DataFrame()
-    table = table.sort_values(
-        "mean_test_accuracy", ascending=False, na_position="last", ignore_index=True
-    )
-    if not runs:
-        return table, pd.DataFrame()
-    reference = reference if reference in runs else table[key].iloc[0]
-    others = [value for value in table[key] if value != reference and value in runs]
-    level = 1 - (1 - stats.LEVEL) / max(len(others), 1)  # Bonferroni.
-    differences = []
-    for value in others:
-        difference, low, high, p = stats.welch_difference(runs[value], runs[reference], level)
-        differences.append(
-            {
-                key: value,
-                "versus": reference,
-                "difference": difference,
-                "ci_low": low,
-                "ci_high": high,
-                "p_value": p,
-                "p_bonferroni": float(np.minimum(1.0, p * len(others))),
-                "resolved": bool(low > 0 or high < 0),  # NaN compares False: not resolved.
-            }
-        )
-    return table, pd.DataFrame(differences)
-
-
-def format_summary(table: pd.DataFrame, differences: pd.DataFrame, key="loss.name") -> str:
-    if table.empty:
-        return "no confirmation run has finished"
-    lines = [f"Test accuracy per {key}, mean over seeds with its {stats.LEVEL:.0%} interval:"]
-    for row in table.to_dict("records"):
-        lost = row.get("diverged_seeds", 0)
-        if not row["seeds"]:
-            lines.append(
-                f"  {row[key]!s:32s} every seed diverged ({lost} of {lost}), "
-                f"config {row['config_id']}"
-            )
-            continue
-        interval = f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
-        if row["seeds"] == 1:
-            interval = "[no interval: one seed]"
-        elif np.isnan(row["ci_low"]):  # All seeds alike: no spread to estimate from.
-            interval = "[no interval: every seed gave the same]"
-        seeds = f"{row['seeds']} seed{'s' * (row['seeds'] > 1)}" + (
-            f", {lost} diverged (not in the mean)" if lost else ""
-        )
-        lines.append(
-            f"  {row[key]!s:32s} {row['mean_test_accuracy']:.4f}  {interval}  "
-            f"{seeds}, config {row['config_id']}"
-        )
-    if not differences.empty:
-        lines.append(
-            f"Differences, with Welch's intervals Bonferroni-corrected for {len(differences)} "
-            f"comparisons (together {stats.LEVEL:.0%}):"
-        )
-    for row in differences.to_dict("records"):
-        verdict = "resolved" if row["resolved"] else "not resolved (the interval holds 0)"
-        lines.append(
-            f"  {row[key]} - {row['versus']}: {row['difference']:+.4f} [{row['ci_low']:+.4f}, "
-            f"{row['ci_high']:+.4f}], {verdict}"
-        )
-    return "\n".join(lines)
-
-
 def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
     """Runs (or resumes) the confirmation of the finished study `options.name`."""
     from study.trackers import check_trackers
@@ -322,27 +204,17 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
     settings = check_trackers(options.loggers, results_dir, options.name, group)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    config = study.trial.data
-    data_lib.resolve_path(config.dataset, config.data_dir)
-    data = data_lib.load_cifar(config.dataset, config.data_dir, config.label_mode)
+    data = load_data(study)
     per_trial, _ = resources(study, options)
-    with native_stderr_filtered(RAY_NOISE):
-        connect(options)
-        import ray
-
-        try:
-            check_cluster(options, per_trial)
-            _this_run(study, options, len(candidates) * seeds, settings, started)
-            tuner = _tuner(study, options, data, candidates, list(range(1, seeds + 1)), per_trial)
-            print(f"confirming {len(candidates)} configurations x {seeds} seeds in {confirm_dir}")
-            grid = tuner.fit()
-        finally:
-            ray.shutdown()
+    with ray_session(options, per_trial):
+        _this_run(study, options, len(candidates) * seeds, settings, started)
+        tuner = _tuner(study, options, data, candidates, list(range(1, seeds + 1)), per_trial)
+        print(f"confirming {len(candidates)} configurations x {seeds} seeds in {confirm_dir}")
+        grid = tuner.fit()
     done = finished(grid, confirm_dir, len(candidates) * seeds)
-    command = resume_command(options, "--confirm")
-    if not done and not budget_spent():
-        print(f"interrupted; continue with: {command}", file=sys.stderr)
+    if interrupted(options, done, "--confirm"):
         return 130
+    command = resume_command(options, "--confirm")
     key = compared(study)[0]
     confirm = read_confirm(results_dir / CONFIRM_FILE)
     tables = summary(confirm, key, reference_value(study, key))

@@ -515,6 +515,37 @@ def budget_spent() -> bool:
     return any(isinstance(each, TimeBudget) and each.spent for each in ThisRun.callbacks)
 
 
+def load_data(study: StudyConfig):
+    """The study's data set, read once on the driver (Ray hands it to every trial)."""
+    config = study.trial.data
+    data_lib.resolve_path(config.dataset, config.data_dir)
+    return data_lib.load_cifar(config.dataset, config.data_dir, config.label_mode)
+
+
+@contextlib.contextmanager
+def ray_session(options: StudyOptions, per_trial: dict):
+    """Ray for one run of a study or its confirmation: started (or joined), the cluster
+    checked against what a trial needs, shut down at the end whatever happens."""
+    with console.native_stderr_filtered(console.RAY_NOISE):
+        connect(options)
+        import ray
+
+        try:
+            check_cluster(options, per_trial)
+            yield
+        finally:
+            ray.shutdown()
+
+
+def interrupted(options: StudyOptions, done: bool, phase: str = "") -> bool:
+    """True (and the resume command said) when a run ended before its trials did, other
+    than at its time budget: the caller exits 130."""
+    if done or budget_spent():
+        return False
+    print(f"interrupted; continue with: {resume_command(options, phase)}", file=sys.stderr)
+    return True
+
+
 def run_study(study: StudyConfig, options: StudyOptions) -> int:
     """Runs (or resumes) a study to the end; returns the process exit code."""
     from study.trackers import check_trackers
@@ -523,12 +554,10 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
     check_options(options)
     study = prepare(study, options)
     settings = check_trackers(options.loggers, options.results_dir, options.name)
+    data = load_data(study)
     config = study.trial.data
-    data_lib.resolve_path(config.dataset, config.data_dir)
-    data = data_lib.load_cifar(config.dataset, config.data_dir, config.label_mode)
     data_lib.split(data, config, seed=config.split_seed)  # Sizes checked before Ray starts.
-    with console.native_stderr_filtered(console.RAY_NOISE):
-        grid = _fit(study, options, data, settings, started)
+    grid = _fit(study, options, data, settings, started)
     done = finished(grid, options.results_dir, study.search.trial_count)
     return _report(study, options, settings, done)
 
@@ -536,11 +565,7 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
 def _fit(study: StudyConfig, options: StudyOptions, data, settings, started):
     """Starts or joins Ray and runs the study's Tune experiment; returns Ray's results."""
     per_trial, _ = resources(study, options)
-    connect(options)
-    import ray
-
-    try:
-        check_cluster(options, per_trial)
+    with ray_session(options, per_trial):
         if not options.resume:
             options.results_dir.mkdir(parents=True)
             write_config(study, options.results_dir)
@@ -558,14 +583,11 @@ def _fit(study: StudyConfig, options: StudyOptions, data, settings, started):
         if line := shares_line(study):
             print(line)
         return tuner.fit()
-    finally:
-        ray.shutdown()
 
 
 def _report(study: StudyConfig, options: StudyOptions, settings, finished: bool) -> int:
     """The end of a run: the table, the failed trials, where to look; the exit code."""
-    if not finished and not budget_spent():
-        print(f"interrupted; continue with: {resume_command(options)}", file=sys.stderr)
+    if interrupted(options, finished):
         return 130
     print("\n" + final_table(study, options.results_dir))
     for line in [*failed_trials(options.results_dir), *settings.lines(options.experiment_path)]:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
+from analysis import confirmation
 from study import confirm
 from study.config import ConfigError
 from study.search_config import load_study
@@ -46,7 +47,7 @@ def test_intervals_match_a_reference_computation():
         "hinge": [0.10, 0.09, 0.12],
         "focal": [0.515, 0.52, 0.50],
     }
-    table, differences = confirm.summary(_confirm_frame(runs))
+    table, differences = confirmation.summary(_confirm_frame(runs))
     table = table.set_index("loss.name")
     for loss, values in runs.items():
         mean, sd = np.mean(values), np.std(values, ddof=1)
@@ -72,7 +73,7 @@ def test_intervals_match_a_reference_computation():
         assert differences.loc[loss, "p_bonferroni"] == pytest.approx(min(1, 2 * p))
     # Hinge is far worse: resolved. Focal is within noise of cross-entropy: not resolved.
     assert differences.loc["hinge", "resolved"] and not differences.loc["focal", "resolved"]
-    text = confirm.format_summary(*confirm.summary(_confirm_frame(runs)))
+    text = confirmation.format_summary(*confirmation.summary(_confirm_frame(runs)))
     assert "hinge - categorical_crossentropy" in text and "not resolved" in text
     assert "Bonferroni-corrected for 2 comparisons" in text
 
@@ -81,9 +82,9 @@ def test_the_correction_keeps_resolved_meaning_resolved():
     """A gap that one comparison resolves is not resolved when it is one of many: the
     intervals widen with the number of comparisons, as Bonferroni asks."""
     pair = {"categorical_crossentropy": [0.50, 0.52, 0.51], "focal": [0.47, 0.485, 0.49]}
-    one = confirm.summary(_confirm_frame(pair))[1].set_index("loss.name")
+    one = confirmation.summary(_confirm_frame(pair))[1].set_index("loss.name")
     many = {**pair, **{f"other{i}": [0.2, 0.21, 0.22] for i in range(5)}}
-    six = confirm.summary(_confirm_frame(many))[1].set_index("loss.name")
+    six = confirmation.summary(_confirm_frame(many))[1].set_index("loss.name")
     assert one.loc["focal", "resolved"] and not six.loc["focal", "resolved"]
     assert six.loc["focal", "ci_low"] < one.loc["focal", "ci_low"]
 
@@ -92,10 +93,10 @@ def test_a_zero_spread_interval_is_undefined_not_zero_width():
     """Seeds that all give the same accuracy (a seed ignored, say) estimate no spread: the
     interval is undefined and says so; it never claims certainty, nor resolves anything."""
     runs = {"categorical_crossentropy": [0.5, 0.5, 0.5], "hinge": [0.4, 0.4, 0.4]}
-    table, differences = confirm.summary(_confirm_frame(runs))
+    table, differences = confirmation.summary(_confirm_frame(runs))
     assert table.ci_low.isna().all() and table.ci_high.isna().all()
     assert not differences.resolved.any()
-    text = confirm.format_summary(table, differences)
+    text = confirmation.format_summary(table, differences)
     assert "[no interval: every seed gave the same]" in text
 
 
@@ -114,7 +115,7 @@ def test_a_diverged_seed_is_counted_and_said_not_hidden():
     focal = _confirm_frame({"focal": [0.0, 0.0]}).assign(
         status="diverged", val_accuracy=None, test_accuracy=None
     )
-    table, differences = confirm.summary(pd.concat([frame, focal], ignore_index=True))
+    table, differences = confirmation.summary(pd.concat([frame, focal], ignore_index=True))
     table = table.set_index("loss.name")
     assert table.loc["hinge", "seeds"] == 2 and table.loc["hinge", "diverged_seeds"] == 1
     assert table.loc["hinge", "mean_test_accuracy"] == pytest.approx(0.325)
@@ -123,7 +124,7 @@ def test_a_diverged_seed_is_counted_and_said_not_hidden():
     assert np.isnan(table.loc["focal", "mean_test_accuracy"])
     assert table.index[-1] == "focal"  # After every value with a mean.
     assert set(differences["loss.name"]) == {"hinge", "mean_squared_error"}  # Not focal.
-    text = confirm.format_summary(table.reset_index(), differences)
+    text = confirmation.format_summary(table.reset_index(), differences)
     assert "2 seeds, 1 diverged (not in the mean), config a" in text
     assert "focal" in text and "every seed diverged (2 of 2)" in text
     assert "[no interval: one seed]  1 seed, 1 diverged (not in the mean)" in text
@@ -136,7 +137,7 @@ def test_each_loss_keeps_the_configuration_best_on_validation():
             _confirm_frame({"hinge": [0.3, 0.3]}, "bad").assign(val_accuracy=0.1),
         ]
     )
-    table, _ = confirm.summary(frame)
+    table, _ = confirmation.summary(frame)
     # "bad" tests better, but the choice is made on validation, never on the test set.
     assert table.config_id.tolist() == ["good"]
     assert table.mean_test_accuracy.iloc[0] == pytest.approx(0.2)
