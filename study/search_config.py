@@ -26,11 +26,11 @@ from study.config import (
     ConfigError,
     TrialConfig,
     format_error,
+    from_params,
     load_config_dict,
     parse_assignment,
     read_yaml,
     set_value,
-    validate,
 )
 
 # What the searcher, scheduler and analysis may rank by: accuracies only. The values of
@@ -244,11 +244,9 @@ def _contexts(key: str, entry: Distribution, space: dict[str, Distribution]):
 
 
 def _validate_with(base: dict, values: dict[str, Any], where: str) -> TrialConfig:
-    raw = {section: dict(v) if isinstance(v, dict) else v for section, v in base.items()}
-    for key, value in values.items():
-        set_value(raw, key, value)
+    """The config that `values` give over `base` (as a trial gets it), or what is wrong."""
     try:
-        return validate(raw)
+        return from_params(values, base)
     except ConfigError as error:
         context = ", ".join(f"{k}={v}" for k, v in values.items())
         raise ConfigError(f"{where}: with {context}: {error}") from None
