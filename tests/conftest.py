@@ -36,6 +36,17 @@ ALLOWED_SKIPS = {
 _unexpected_skips: list[str] = []
 
 
+# Fixtures that start Ray (or a whole study on it): a test that uses one is a `study`
+# test, so `pytest -m "not slow and not study"` is a quick run that starts no Ray.
+RAY_FIXTURES = {"ray_env", "ray_cluster", "local_ray", "shared_study", "study_folder"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.study)
+
+
 def pytest_runtest_logreport(report):
     if not report.skipped or os.environ.get("STUDY_NO_SKIPS") != "1":
         return

@@ -5,8 +5,9 @@ files. Each case runs through `study.run.main` in this process, on the study pat
 the `--local` path where the input means something to it, with Ray's start and the local
 trial replaced by tripwires: a case passes only if it is refused before either, leaves no
 run folder and no Ray session behind, and changes nothing in an earlier run folder. A few
-cases also run as real processes. Property-based tests feed random configs, overrides and
-command lines to the same code, which may refuse them but never end in a traceback.
+cases also run as real processes. A property-based test feeds random command lines to the
+same code (random configs and overrides: tests/test_random_input.py), which may refuse them
+but never end in a traceback.
 """
 
 import contextlib
@@ -17,7 +18,6 @@ import os
 import pickle
 import sys
 import tarfile
-import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +26,12 @@ import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from study import run, synthetic, tuning
-from study.config import ConfigError, TrialConfig
-from study.search_config import SearchConfig, load_study
 
 from .conftest import TINY_STUDY, free_port, run_cli
+from .hostile import evaluates, runs_code, write_tar
+from .strategies import argument_tokens
 
 BOTH = ("study", "local")
 CLOSED_PORT = free_port()
@@ -105,49 +104,11 @@ CONFIG_FILES = {
 }
 
 
-def _member(path: Path, name: str) -> bytes:
-    with tarfile.open(path) as archive:
-        return archive.extractfile(name).read()
-
-
-class RunsCode:
-    """Unpickling this runs `touch MARKER` (plain pickle would)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-class Evaluates:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (eval, (f"open({self.marker!r}, 'w')",))
-
-
 def _batch(**replace) -> bytes:
     """A CIFAR-10 batch of two images, with some keys replaced (None drops one)."""
     batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
     batch |= {key.encode(): value for key, value in replace.items()}
     return synthetic.pickle_python2({k: v for k, v in batch.items() if v is not None})
-
-
-def _write_tar(path: Path, members: dict, mode="w:gz", kinds=None) -> Path:
-    """A tarball whose members are files, or of another kind (`kinds`: name -> TarInfo type)."""
-    with tarfile.open(path, mode) as archive:
-        for name, blob in members.items():
-            info = tarfile.TarInfo(name)
-            kind = (kinds or {}).get(name)
-            if kind is None:
-                info.size = len(blob)
-                archive.addfile(info, io.BytesIO(blob))
-            else:
-                info.type, info.linkname = kind, "/etc/passwd"
-                archive.addfile(info)
-    return path
 
 
 def _data_files(folder: Path, good: Path, cifar100: Path, markers: Path) -> dict[str, Path]:
@@ -158,7 +119,7 @@ def _data_files(folder: Path, good: Path, cifar100: Path, markers: Path) -> dict
 
     def replaced(name, **blobs):
         changed = {**members, **{prefix + k: v for k, v in blobs.items()}}
-        return _write_tar(folder / name, changed)
+        return write_tar(folder / name, changed)
 
     files = {
         "good.tar.gz": good,
@@ -185,29 +146,29 @@ def _data_files(folder: Path, good: Path, cifar100: Path, markers: Path) -> dict
             **{"batches.meta": synthetic.pickle_python2({b"label_names": [b"cat"] * 3})},
         ),
         "pickle-system.tar.gz": replaced(
-            "pickle-system.tar.gz", data_batch_2=_batch(data=RunsCode(markers / "system"))
+            "pickle-system.tar.gz", data_batch_2=_batch(data=runs_code(markers / "system"))
         ),
         "pickle-eval.tar.gz": replaced(
-            "pickle-eval.tar.gz", test_batch=_batch(labels=[Evaluates(markers / "eval"), 0])
+            "pickle-eval.tar.gz", test_batch=_batch(labels=[evaluates(markers / "eval"), 0])
         ),
         "pickle-corrupt.tar.gz": replaced(
             "pickle-corrupt.tar.gz", test_batch=members[prefix + "test_batch"][:1000]
         ),
-        "missing-member.tar.gz": _write_tar(
+        "missing-member.tar.gz": write_tar(
             folder / "missing-member.tar.gz",
             {k: v for k, v in members.items() if not k.endswith("test_batch")},
         ),
-        "member-link.tar.gz": _write_tar(
+        "member-link.tar.gz": write_tar(
             folder / "member-link.tar.gz",
             members,
             kinds={prefix + "test_batch": tarfile.SYMTYPE},
         ),
-        "member-folder.tar.gz": _write_tar(
+        "member-folder.tar.gz": write_tar(
             folder / "member-folder.tar.gz",
             members,
             kinds={prefix + "batches.meta": tarfile.DIRTYPE},
         ),
-        "uncompressed.tar": _write_tar(folder / "uncompressed.tar", members, mode="w"),
+        "uncompressed.tar": write_tar(folder / "uncompressed.tar", members, mode="w"),
     }
     whole = good.read_bytes()
     for name, blob in {
@@ -586,8 +547,8 @@ def test_the_table_is_large_and_covers_each_kind_and_both_paths():
 
 def test_the_hostile_payloads_are_live(tmp_path):
     """Plain pickle and YAML would run them: the table's refusals are not vacuous."""
-    pickle.loads(_batch(data=RunsCode(tmp_path / "system")), encoding="bytes")
-    pickle.loads(_batch(labels=[Evaluates(tmp_path / "eval"), 0]), encoding="bytes")
+    pickle.loads(_batch(data=runs_code(tmp_path / "system")), encoding="bytes")
+    pickle.loads(_batch(labels=[evaluates(tmp_path / "eval"), 0]), encoding="bytes")
     assert {p.name for p in tmp_path.iterdir()} == {"system", "eval"}
     yaml_payload = CASES["set-python-tag"].args[1].partition("=")[2]
     armed = yaml_payload.replace("@markers/set", str(tmp_path / "yaml"))
@@ -654,154 +615,7 @@ def test_unreadable_data_file(files, tripwires, capsys, monkeypatch):
         assert err == f"error: {path.resolve()}: cannot read (Permission denied)\n"
 
 
-# --- Random input: refused or accepted, never a traceback -----------------------------------
-
-
-def _dotted_keys(model, prefix="") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        inner = field.annotation
-        if isinstance(inner, type) and hasattr(inner, "model_fields"):
-            keys += _dotted_keys(inner, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
-TRIAL_KEYS = _dotted_keys(TrialConfig)
-SEARCH_KEYS = [f"search.{key}" for key in SearchConfig.model_fields]
-WORDS = [
-    *TRIAL_KEYS,
-    *(key.rpartition(".")[2] for key in TRIAL_KEYS),
-    *SearchConfig.model_fields,
-    *("choice", "uniform", "loguniform", "integer", "by", "ranges", "when"),
-    *("hinge", "focal", "categorical_crossentropy", "adam", "sgd", "cifar10", "cifar100"),
-]
-TRICKY_VALUES = [
-    "", "null", "~", ".nan", ".inf", "-.inf", "1e400", "0x1F", "0o17", "2020-01-01",
-    "!!binary aGVsbG8=", "!!set {a, b}", "!!python/name:os.system", "&a [*a]", "*undefined",
-    "{", "[", "'", '"', "{choice: []}", "{uniform: [1, 0]}", "{choice: [hinge], when: {}}",
-    "[" * 200 + "]" * 200, "- a", "a: b", "yes", "on", "1_000", "-0", "1.", ".5",
-]  # fmt: skip
-
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=20)
-    | st.sampled_from(WORDS)
-)
-values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4)
-        | st.dictionaries(st.sampled_from(WORDS) | st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-keys = (
-    st.sampled_from(TRIAL_KEYS + SEARCH_KEYS)
-    | st.sampled_from(TRIAL_KEYS).map(lambda key: f"search.space.{key}")
-    | st.sampled_from(TRIAL_KEYS).map(lambda key: f"search.baseline.{key}")
-    | st.lists(st.sampled_from(WORDS) | st.text(max_size=6), min_size=1, max_size=4).map(".".join)
-)
-value_texts = (
-    values.map(lambda value: json.dumps(value, allow_nan=True))
-    | st.sampled_from(TRICKY_VALUES)
-    | st.text(max_size=30)
-)
-overrides = st.lists(
-    st.builds(lambda key, text: f"{key}={text}", keys, value_texts) | st.text(max_size=30),
-    max_size=4,
-)
-
-
-def _section_dict():
-    return st.dictionaries(st.sampled_from(WORDS) | st.text(max_size=8), values, max_size=5)
-
-
-numbers = st.integers(-5, 300) | st.floats(allow_nan=True, allow_infinity=True)
-pairs = st.lists(numbers, min_size=1, max_size=3)
-distributions = st.fixed_dictionaries(
-    {},
-    optional={
-        "choice": st.lists(scalars, max_size=4),
-        "uniform": pairs,
-        "loguniform": pairs,
-        "integer": pairs,
-        "by": st.sampled_from(TRIAL_KEYS),
-        "ranges": st.dictionaries(st.sampled_from(WORDS), pairs, max_size=3),
-        "when": st.dictionaries(st.sampled_from(TRIAL_KEYS), st.lists(scalars, max_size=3)),
-    },
-)
-
-configs = st.dictionaries(
-    st.sampled_from(["seed", "data", "model", "loss", "optimizer", "training", "search"])
-    | st.text(max_size=8),
-    _section_dict() | values,
-    max_size=6,
-) | st.fixed_dictionaries(
-    {
-        "search": st.fixed_dictionaries(
-            {
-                "space": st.dictionaries(
-                    st.sampled_from(TRIAL_KEYS) | st.text(max_size=8),
-                    distributions | values,
-                    max_size=4,
-                ),
-                "baseline": st.dictionaries(st.sampled_from(TRIAL_KEYS), values, max_size=3),
-            }
-        )
-    }
-)
-
-
-def _refused_in_one_line(call) -> None:
-    try:
-        call()
-    except ConfigError as error:
-        message = str(error)
-        assert message and "\n" not in message, message
-
-
-@settings(max_examples=200, deadline=None)
-@given(overrides=overrides)
-def test_random_overrides_never_end_in_a_traceback(overrides):
-    study_file = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
-    _refused_in_one_line(lambda: load_study(study_file, overrides))
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=configs, overrides=overrides)
-def test_random_config_files_never_end_in_a_traceback(config, overrides):
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "config.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        _refused_in_one_line(lambda: load_study(path, overrides))
-
-
-@settings(max_examples=100, deadline=None)
-@given(text=st.text(max_size=200) | st.binary(max_size=200))
-def test_random_config_text_never_ends_in_a_traceback(text):
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "config.yaml"
-        path.write_bytes(text if isinstance(text, bytes) else text.encode())
-        _refused_in_one_line(lambda: load_study(path))
-
-
-FLAG_TOKENS = [
-    "--local", "--resume", "--no-dashboard", "--gpus", "--gpus-per-trial", "--cpus-per-trial",
-    "--searcher", "--scheduler", "--num-samples", "--name", "--set", "--address",
-    "--dashboard-host", "--config", "--storage-path",
-]  # fmt: skip
-argument_tokens = st.lists(
-    st.sampled_from(FLAG_TOKENS)
-    | st.sampled_from(["0", "1", "-1", "0.5", "nan", "inf", "optuna", "fifo", "earlier", "a/b"])
-    | st.builds(lambda key, text: f"{key}={text}", keys, value_texts)
-    | st.text(max_size=10),
-    max_size=8,
-)
+# --- Random command lines: refused or accepted, never a traceback --------------------------
 
 
 @settings(

@@ -19,20 +19,16 @@ from study import synthetic
 from study.config import DataConfig
 
 from .conftest import REPO, free_port, http_server, shared_sample
+from .hostile import member, replace_member
 
 
 def _globals(blob: bytes) -> set:
     return {arg for op, arg, _ in pickletools.genops(blob) if "GLOBAL" in op.name}
 
 
-def _member(path, name) -> bytes:
-    with tarfile.open(path) as archive:
-        return archive.extractfile(name).read()
-
-
 def _trusted_decode(path, name, label_key):
     """An independent reading of one batch, as the CIFAR website describes it."""
-    batch = pickle.loads(_member(path, name), encoding="bytes")
+    batch = pickle.loads(member(path, name), encoding="bytes")
     images = batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, np.array(batch[label_key])
 
@@ -87,7 +83,7 @@ def test_reads_real_cifar10_sample():
 def test_synthetic_files_use_the_real_files_globals():
     real = shared_sample("cifar-100-sample.tar.gz")
     fake = synthetic.pickle_python2({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]})
-    assert _globals(fake) == _globals(_member(real, "cifar-100-python/train"))
+    assert _globals(fake) == _globals(member(real, "cifar-100-python/train"))
 
 
 # --- Where the files are ----------------------------------------------------------------
@@ -207,24 +203,9 @@ sys.exit(run.main(["--config", "configs/smoke.yaml", "--storage-path", {str(tmp_
 # --- Hostile and damaged files ----------------------------------------------------------
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def _replace_member(source, target, name, blob):
-    with tarfile.open(source) as archive:
-        members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
-    members[name] = blob
-    return synthetic.write_tarball(target, members)
-
-
 def test_corrupt_pickle_member(tmp_path, cifar100_tarball):
-    blob = _member(cifar100_tarball, "cifar-100-python/test")
-    path = _replace_member(
+    blob = member(cifar100_tarball, "cifar-100-python/test")
+    path = replace_member(
         cifar100_tarball, tmp_path / "bad.tar.gz", "cifar-100-python/test", blob[: len(blob) // 3]
     )
     with pytest.raises(data_lib.DataError, match="test: corrupt pickle"):
@@ -242,7 +223,7 @@ def test_corrupt_pickle_member(tmp_path, cifar100_tarball):
     ],
 )
 def test_malformed_batches(tmp_path, cifar100_tarball, batch, expected):
-    path = _replace_member(
+    path = replace_member(
         cifar100_tarball,
         tmp_path / "bad.tar.gz",
         "cifar-100-python/train",

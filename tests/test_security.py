@@ -20,20 +20,7 @@ from study import data as data_lib
 from study import synthetic
 
 from .conftest import REPO
-
-
-class _Reduces:
-    """Unpickling calls `function(*args)`."""
-
-    def __init__(self, function, *args):
-        self.function, self.args = function, args
-
-    def __reduce__(self):
-        return (self.function, self.args)
-
-
-def _touch_code(marker: Path) -> str:
-    return f"open({str(marker)!r}, 'w').close()"
+from .hostile import Reduces, replace_member, touch_code
 
 
 def _batch(payload, where="data", protocol=None) -> bytes:
@@ -48,21 +35,21 @@ def _batch(payload, where="data", protocol=None) -> bytes:
 
 def _raw(marker: Path, template: str) -> bytes:
     """A hand-written protocol-0 pickle (opcodes that no Python object pickles to)."""
-    return template.replace("CODE", _touch_code(marker)).replace("PATH", str(marker)).encode()
+    return template.replace("CODE", touch_code(marker)).replace("PATH", str(marker)).encode()
 
 
 PAYLOADS = {
-    "os-system": lambda m: _batch(_Reduces(os.system, f"touch {m}")),
-    "os-system-protocol-5": lambda m: _batch(_Reduces(os.system, f"touch {m}"), protocol=5),
-    "eval": lambda m: _batch(_Reduces(eval, _touch_code(m))),
-    "exec": lambda m: _batch(_Reduces(exec, _touch_code(m))),
-    "subprocess": lambda m: _batch(_Reduces(subprocess.call, ["touch", str(m)])),
+    "os-system": lambda m: _batch(Reduces(os.system, f"touch {m}")),
+    "os-system-protocol-5": lambda m: _batch(Reduces(os.system, f"touch {m}"), protocol=5),
+    "eval": lambda m: _batch(Reduces(eval, touch_code(m))),
+    "exec": lambda m: _batch(Reduces(exec, touch_code(m))),
+    "subprocess": lambda m: _batch(Reduces(subprocess.call, ["touch", str(m)])),
     "nested-in-labels": lambda m: _batch(
-        [0, {"deep": [(_Reduces(os.system, f"touch {m}"),)]}], where="fine_labels"
+        [0, {"deep": [(Reduces(os.system, f"touch {m}"),)]}], where="fine_labels"
     ),
-    "as-a-dict-key": lambda m: _batch({_Reduces(os.system, f"touch {m}"): 1}, where="meta"),
+    "as-a-dict-key": lambda m: _batch({Reduces(os.system, f"touch {m}"): 1}, where="meta"),
     "numpy-object-array": lambda m: _batch(
-        np.array([_Reduces(os.system, f"touch {m}"), None], dtype=object)
+        np.array([Reduces(os.system, f"touch {m}"), None], dtype=object)
     ),
     # A numpy function, but not an array constructor: the allow-list is exact names.
     "numpy-runstring": lambda m: _raw(m, "cnumpy.testing._private.utils\nrunstring\n(VCODE\n(dtR."),
@@ -71,13 +58,6 @@ PAYLOADS = {
     ),
     "inst-opcode": lambda m: _raw(m, "(Vtouch PATH\nios\nsystem\n."),
 }
-
-
-def _with_member(source: Path, target: Path, name: str, blob: bytes) -> Path:
-    with tarfile.open(source) as archive:
-        members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
-    members[name] = blob
-    return synthetic.write_tarball(target, members)
 
 
 @pytest.mark.parametrize("name", PAYLOADS)
@@ -92,7 +72,7 @@ def test_payload_is_live(name, tmp_path):
 @pytest.mark.parametrize("name", PAYLOADS)
 def test_crafted_pickle_is_refused_and_runs_nothing(name, member, tmp_path, cifar100_tarball):
     marker = tmp_path / "pwned"
-    path = _with_member(
+    path = replace_member(
         cifar100_tarball,
         tmp_path / "cifar-100-python.tar.gz",
         f"cifar-100-python/{member}",
@@ -127,7 +107,7 @@ def test_crafted_pickle_in_an_extracted_folder(tmp_path, cifar100_tarball):
     ],
 )
 def test_pickles_that_are_not_batches(blob, expected, tmp_path, cifar100_tarball):
-    path = _with_member(cifar100_tarball, tmp_path / "odd.tar.gz", "cifar-100-python/test", blob)
+    path = replace_member(cifar100_tarball, tmp_path / "odd.tar.gz", "cifar-100-python/test", blob)
     with pytest.raises(data_lib.DataError, match=f"odd.tar.gz: test: {expected}"):
         data_lib.load_cifar("cifar100", path)
 
