@@ -374,7 +374,7 @@ def test_a_time_budget_stops_cleanly_and_a_finished_study_grows(
     run logs to MLflow, where a trial stays one run however often the study resumes."""
     from mlflow import MlflowClient
 
-    config = study_config(num_samples=6, scheduler="fifo")
+    config = study_config(num_samples=4, scheduler="fifo")
     folder = tmp_path / "bounded"
     args = [*study_args(config, cifar10_tarball, tmp_path, "bounded"), "--no-dashboard"]
     args += ["--logger", "mlflow"]
@@ -390,7 +390,7 @@ def test_a_time_budget_stops_cleanly_and_a_finished_study_grows(
     assert "Stop signal received" not in stderr  # Ray's words for Ctrl-C: not what happened.
     stopped = read_trials(folder)
     epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
-    assert 1 <= (stopped.status == "completed").sum() < 6
+    assert 1 <= (stopped.status == "completed").sum() < 4
     for trial in stopped.itertuples():  # Whole: every reported epoch, once.
         rows = epochs[epochs.trial_id == trial.trial_id]
         assert rows.epoch.tolist() == list(range(1, trial.epochs_run + 1)), trial.trial_id
@@ -400,20 +400,20 @@ def test_a_time_budget_stops_cleanly_and_a_finished_study_grows(
     result = run_cli("study.run", *resume, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     finished = read_trials(folder)
-    assert len(finished) == 6 and set(finished.status) == {"completed"}
+    assert len(finished) == 4 and set(finished.status) == {"completed"}
     assert set(stopped.trial_id) <= set(finished.trial_id)
     before = {name: len(trials) for name, trials in _optuna_trials(folder).items()}
 
-    result = run_cli("study.run", *resume, "--num-samples", "8", env=env, timeout=600)
+    result = run_cli("study.run", *resume, "--num-samples", "6", env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "trials per loss.name (8 in all): categorical_crossentropy 3, hinge 3, " in result.stdout
+    assert "trials per loss.name (6 in all): categorical_crossentropy 2, hinge 2, " in result.stdout
     grown = read_trials(folder).set_index("trial_id")
     epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
-    assert len(grown) == 8 and set(grown.status) == {"completed"}
-    assert sorted(grown["loss.name"].value_counts()) == [2, 3, 3]
+    assert len(grown) == 6 and set(grown.status) == {"completed"}
+    assert sorted(grown["loss.name"].value_counts()) == [2, 2, 2]  # From 2, 1, 1.
     for trial_id, rows in epochs[epochs.rerun == 0].groupby("trial_id"):
         assert rows.epoch.tolist() == [1, 2, 3, 4], trial_id  # Each epoch once.
-    assert yaml.safe_load((folder / "config.yaml").read_text())["search"]["num_samples"] == 8
+    assert yaml.safe_load((folder / "config.yaml").read_text())["search"]["num_samples"] == 6
     # The new trials were asked of the same Optuna studies, after the ones they held.
     for name, trials in _optuna_trials(folder).items():
         ids = [t.user_attrs["ray_trial_id"] for t in trials]
