@@ -265,7 +265,7 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, p
         trainable,
         param_space={"candidate": tune.grid_search(candidates), "seed": tune.grid_search(seeds)},
         tune_config=tune.TuneConfig(
-            metric=study.search.metric,
+            metric=METRIC,
             mode=MODE,
             max_concurrent_trials=concurrent,
             trial_dirname_creator=trial_dirname,

@@ -33,11 +33,6 @@ from study.config import (
     set_value,
 )
 
-# What the searcher, scheduler and analysis may rank by: accuracies only. The values of
-# different losses are not comparable, so a loss can never be the study's metric.
-RANKABLE_METRICS = (METRIC,)
-
-
 OPTUNA_FILE = "optuna.db"  # The study's Optuna record, beside its tables.
 CONFIG_FILE = "config.yaml"  # The study's resolved config: trial sections and search.
 
@@ -121,7 +116,6 @@ class SearchConfig(_Strict):
     searcher: Literal["optuna", "random", "grid"] = "optuna"
     scheduler: Literal["asha", "fifo"] = "asha"
     seed: int = Field(default=0, ge=0)
-    metric: str = "val_accuracy"
     # ASHA on epochs; its maximum is training.epochs.
     grace_period: int = Field(default=2, ge=1)
     reduction_factor: float = Field(default=3.0, gt=1, allow_inf_nan=False)
@@ -141,6 +135,11 @@ class SearchConfig(_Strict):
         """Left out, stratify follows the space: by loss.name where the space chooses it."""
         if not isinstance(raw, dict):
             return raw
+        if raw.get("metric") == METRIC:
+            # Study folders written when the metric was a setting (it had one allowed
+            # value): every study ranks by val_accuracy, never a loss, whose values are
+            # not comparable across losses.
+            raw = {key: value for key, value in raw.items() if key != "metric"}
         if raw.get("searcher") == "grid":
             return {**raw, "stratify": None}
         if "stratify" not in raw:
@@ -167,16 +166,6 @@ class SearchConfig(_Strict):
         stratum's trials."""
         count, extra = divmod(self.num_samples, len(self.strata))
         return {value: count + (i < extra) for i, value in enumerate(self.strata)}
-
-    @field_validator("metric")
-    @classmethod
-    def _rankable_metric(cls, value):
-        if value not in RANKABLE_METRICS:
-            raise ValueError(
-                f"unknown metric {value!r}; allowed: {', '.join(RANKABLE_METRICS)} "
-                "(never a loss: values of different losses are not comparable)"
-            )
-        return value
 
     @field_validator("gpus_per_trial")
     @classmethod

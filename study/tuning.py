@@ -19,7 +19,7 @@ import yaml
 
 from study import backend, console, results
 from study import data as data_lib
-from study.config import MODE, ConfigError, flatten
+from study.config import METRIC, MODE, ConfigError, flatten
 from study.search_config import CONFIG_FILE, ONE_GPU, SearchConfig, StudyConfig, load_study
 
 # Ray's newer console output ignores a custom reporter; the classic one can be trimmed.
@@ -405,7 +405,7 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
         trainable,
         param_space=param_space(study),
         tune_config=tune.TuneConfig(
-            metric=search.metric,
+            metric=METRIC,
             mode=MODE,
             search_alg=generator,
             scheduler=make_scheduler(search, epochs),

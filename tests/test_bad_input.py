@@ -283,7 +283,7 @@ CASES = {
         ("search.space.optimizer.decay.uniform", "finite number"),
     ),
     "config-metric-is-a-loss": Case(
-        ("--config", "@metric-loss.yaml"), ("search.metric", "never a loss")
+        ("--config", "@metric-loss.yaml"), ("unknown key 'search.metric'",)
     ),
     "config-baseline-outside-space": Case(
         ("--config", "@baseline-outside.yaml"),
@@ -314,7 +314,7 @@ CASES = {
         ("--set", "optimizer.schedule=step"), ("optimizer.schedule", "unknown schedule 'step'")
     ),
     "set-metric-is-a-loss": Case(
-        ("--set", "search.metric=val_loss"), ("search.metric: unknown metric 'val_loss'",)
+        ("--set", "search.metric=val_loss"), ("unknown key 'search.metric'",)
     ),
     "set-space-range-outside-the-key": Case(
         ("--set", "search.space.model.width={uniform: [0, 1]}"),

@@ -233,3 +233,17 @@ def test_help_speaks_to_users_and_its_commands_parse():
     assert len(commands) == 5
     for command in commands:
         run.parse_args(command.split()[3:])  # Exits 2 on an unknown option or value.
+
+
+def test_a_study_folder_that_named_its_metric_still_loads(tmp_path):
+    """Study folders once wrote `search.metric: val_accuracy` (a setting with one allowed
+    value, now gone: every study ranks by val_accuracy); --resume and --confirm read them."""
+    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    raw["search"]["metric"] = "val_accuracy"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert load_study(path) == load_study(REPO / "configs" / "smoke.yaml")
+    raw["search"]["metric"] = "val_loss"  # Never a loss: the key is refused, by name.
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError, match="unknown key 'search.metric'"):
+        load_study(path)

@@ -238,7 +238,7 @@ def test_scheduler_runs_on_epochs():
     ("override", "expected"),
     [
         ("search.num_samples=0", "search.num_samples"),
-        ("search.metric=val_loss", "search.metric: unknown metric 'val_loss'"),
+        ("search.metric=val_loss", "unknown key 'search.metric'"),
         ("search.searcher=grid", "search.space.optimizer.learning_rate: the grid searcher"),
         ("search.searcher=annealing", "search.searcher"),
         ("search.space.model.width={uniform: [0, 1]}", "search.space.model.width"),
