@@ -359,9 +359,9 @@ def _pass(train, epoch: int, augment=None) -> tuple[float, float]:
 def measure_pipeline(config: TrialConfig, splits: data_lib.Splits, sizes: Sizes) -> dict:
     """Images/s of the trial's training input alone (an epoch's order, gathers, targets),
     plain and with NumPy augmentation, and how long an epoch waits for its first batch."""
-    from study import trainable
+    from study.trainable import trial_batches
 
-    train, _, _ = trainable._datasets(config, splits)
+    train, _, _ = trial_batches(config, splits)
     rng = np.random.default_rng(0)
     plain, augmented, first = [], [], []
     for epoch in range(sizes.runs + 1):  # The first pass warms caches up; it is not counted.
@@ -383,10 +383,10 @@ def measure_keras_loop(config: TrialConfig, splits, devices: backend.Devices) ->
     dense layer): the input and the loop, not the network."""
     import keras
 
-    from study import trainable
+    from study.trainable import trial_batches
 
     keras.backend.clear_session()
-    train, _, _ = trainable._datasets(config, splits)
+    train, _, _ = trial_batches(config, splits)
     chosen = config.training.resolve(devices.gpus > 0, devices.backend)
     inputs = keras.Input((32, 32, 3), dtype="uint8")
     pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
@@ -457,21 +457,15 @@ def overhead_config(config: TrialConfig, images: int | None, epochs: int) -> Tri
 
 def run_bare(config: TrialConfig, data) -> dict[str, list[float]]:
     """Plain model.fit on the trial's data, model and validation: no reports, no checkpoints."""
-    import keras
+    from study.trainable import prepare_trial
 
-    from study import trainable
-
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(config.seed)
-    devices = trainable.configure_devices(config)
-    splits = data_lib.split(data, config.data, seed=config.data.split_seed)
-    train, validation, _ = trainable._datasets(config, splits)
-    model = trainable.compile_for_devices(config, len(train), devices)
+    setup = prepare_trial(config, data)
+    model = setup.compile()
     clock = epoch_clock()
-    train_input, callbacks = backend.fit_input(train)
+    train_input, callbacks = backend.fit_input(setup.train)
     model.fit(
         train_input,
-        validation_data=backend.fit_input(validation)[0],
+        validation_data=backend.fit_input(setup.validation)[0],
         epochs=config.training.epochs,
         callbacks=[*callbacks, clock],
         shuffle=False,
@@ -483,12 +477,13 @@ def run_bare(config: TrialConfig, data) -> dict[str, list[float]]:
 MACHINERY_KEY = "bench_epoch_end_seconds"
 
 
-def _timed_reporter(base, created: list | None = None):
+def timed_reporter(created: list | None = None):
     """A subclass of the trial's EpochReporter that times its own epoch-end work (the
     checkpoint and the report) and sends the times so far with each report; each one
     made is appended to `created`."""
+    from study.trainable import EpochReporter
 
-    class TimedReporter(base):
+    class TimedReporter(EpochReporter):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.epoch_end_seconds: list[float] = []
@@ -514,7 +509,6 @@ def _timed_reporter(base, created: list | None = None):
 
 def run_local_mode(config: TrialConfig, data, workdir: Path) -> dict[str, list[float]]:
     """The local single-trial mode, timed at each epoch's progress line (after its report)."""
-    from study import trainable
     from study.local import run_local
 
     times = {"wall": [], "cpu": []}
@@ -523,12 +517,8 @@ def run_local_mode(config: TrialConfig, data, workdir: Path) -> dict[str, list[f
         times["wall"].append(time.perf_counter())
         times["cpu"].append(time.process_time())
 
-    original, reporters = trainable.EpochReporter, []
-    trainable.EpochReporter = _timed_reporter(original, reporters)
-    try:
-        run_local(config, data, workdir / "local", echo=clock)
-    finally:
-        trainable.EpochReporter = original
+    reporters = []
+    run_local(config, data, workdir / "local", echo=clock, reporter_class=timed_reporter(reporters))
     times["machinery"] = reporters[-1].epoch_end_seconds
     return times
 
@@ -683,12 +673,10 @@ def measure_load(config: TrialConfig, path: Path) -> tuple[data_lib.CifarData, d
 
 
 def timed_trial(params: dict, data) -> None:
-    """A study's trial whose reporter also times its own epoch-end work (in its own Ray
-    worker, so swapping the class touches nothing else)."""
-    from study import trainable
+    """A study's trial whose reporter also times its own epoch-end work."""
+    from study.trainable import tune_trainable
 
-    trainable.EpochReporter = _timed_reporter(trainable.EpochReporter)
-    trainable.tune_trainable(params, data)
+    tune_trainable(params, data, reporter_class=timed_reporter())
 
 
 def study_trial(params: dict, data) -> None:
@@ -702,10 +690,11 @@ class FirstStepTaken(Exception):
     """Ends a start-up trial once its first training step is done."""
 
 
-def _first_step_reporter(base):
+def first_step_reporter():
     """A subclass of the trial's EpochReporter that notes the first step and stops there."""
+    from study.trainable import EpochReporter
 
-    class FirstStepReporter(base):
+    class FirstStepReporter(EpochReporter):
         def on_train_batch_begin(self, batch, logs=None):
             self.first_step_begin = getattr(self, "first_step_begin", None) or time.time()
 
@@ -717,17 +706,15 @@ def _first_step_reporter(base):
 
 
 def startup_trial(params: dict, data) -> None:
-    """A Tune trial that runs the real trainable up to its first training step, then
-    reports when it got there. Runs in its own Ray worker, so swapping the trainable's
-    reporter for a subclass that stops after one step touches nothing else."""
+    """A Tune trial that runs the real trainable up to its first training step (its
+    reporter stops there), then reports when it got there."""
     entered = time.time()  # The data has come through the object store by now.
     from ray import tune
 
     from study import trainable  # Imports TensorFlow, as a study's trial does here.
 
-    trainable.EpochReporter = _first_step_reporter(trainable.EpochReporter)
     try:
-        trainable.tune_trainable(params, data)
+        trainable.tune_trainable(params, data, reporter_class=first_step_reporter())
     except FirstStepTaken as taken:
         begin, end = taken.args
         tune.report({"entered": entered, "first_step_begin": begin, "first_step_end": end})
