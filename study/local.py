@@ -15,7 +15,7 @@ from study import results
 from study.config import METRIC, TrialConfig, dump_yaml, flatten
 from study.data import CifarData
 from study.trackers import LocalTrackers, Trackers
-from study.trainable import MODEL_FILE, Outcome, train_and_evaluate
+from study.trainable import MODEL_FILE, EpochReporter, Outcome, train_and_evaluate
 
 
 class LocalSink:
@@ -69,10 +69,16 @@ def summarise(outcome: Outcome, seconds: float) -> dict:
 
 
 def run_local(
-    config: TrialConfig, data: CifarData, run_dir: Path, echo=print, trackers: Trackers = None
+    config: TrialConfig,
+    data: CifarData,
+    run_dir: Path,
+    echo=print,
+    trackers: Trackers = None,
+    reporter_class=EpochReporter,
 ) -> dict:
     """Trains one trial into `run_dir` (which must not exist yet), logging it to TensorBoard
-    and `trackers` (study.trackers.check_trackers); returns result.json."""
+    and `trackers` (study.trackers.check_trackers); returns result.json. `reporter_class` as
+    in `study.trainable.train_and_evaluate`."""
     run_dir.mkdir(parents=True)
     results.write_text(run_dir / "config.yaml", dump_yaml(config))
     tracked = LocalTrackers(
@@ -81,7 +87,7 @@ def run_local(
     sink = LocalSink(run_dir, config.training.epochs, echo, tracked)
     started = time.perf_counter()
     try:
-        outcome = train_and_evaluate(config, data, sink)
+        outcome = train_and_evaluate(config, data, sink, reporter_class=reporter_class)
     except BaseException:
         tracked.close("error")
         raise

@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,8 +184,9 @@ class EpochReporter(keras.callbacks.Callback):
             self.sink.report(metrics, checkpoint)
 
 
-def _datasets(config: TrialConfig, splits: data_lib.Splits):
-    """Training batches shuffled by the trial's seed and the epoch; evaluation in order."""
+def trial_batches(config: TrialConfig, splits: data_lib.Splits) -> tuple[Batches, Batches, Batches]:
+    """The trial's training, validation and test batches: training shuffled by the trial's
+    seed and the epoch, evaluation in order."""
     targets = target_table(config.loss, config.data.num_classes)
     train = Batches(
         splits.x_train, splits.y_train, config.training.batch_size, targets, seed=config.seed
@@ -195,6 +196,34 @@ def _datasets(config: TrialConfig, splits: data_lib.Splits):
         return Batches(images, labels, config.training.eval_batch_size, targets)
 
     return train, evaluation(splits.x_val, splits.y_val), evaluation(splits.x_test, splits.y_test)
+
+
+@dataclass
+class TrialSetup:
+    """What a trial trains on: the devices as configured, its batches, and its model."""
+
+    config: TrialConfig
+    devices: dict  # What `configure_devices` chose.
+    train_images: int
+    train: Batches
+    validation: Batches
+    test: Batches
+
+    def compile(self) -> keras.Model:
+        """A fresh model, compiled for the devices, its schedule as long as the training."""
+        return compile_for_devices(self.config, len(self.train), self.devices)
+
+
+def prepare_trial(config: TrialConfig, data: data_lib.CifarData) -> TrialSetup:
+    """What a trial does before it builds its model: a fresh Keras session seeded by the
+    config, the devices configured, the data split (by the config's split seed) and
+    batched. The benchmark (study/bench/) times a bare `model.fit` from the same setup."""
+    keras.backend.clear_session()  # A reused Ray worker starts each trial afresh.
+    keras.utils.set_random_seed(config.seed)
+    devices = configure_devices(config)
+    splits = data_lib.split(data, config.data, seed=config.data.split_seed)
+    train, validation, test = trial_batches(config, splits)
+    return TrialSetup(config, devices, len(splits.y_train), train, validation, test)
 
 
 def _restore_first(config: TrialConfig, build, checkpoints):
@@ -228,6 +257,7 @@ def train_and_evaluate(
     checkpoint: Path | Iterable[Path] | None = None,
     evaluate_test: bool = True,
     warning: str | None = None,
+    reporter_class: Callable[..., EpochReporter] = EpochReporter,
 ) -> Outcome:
     """Trains one configuration, reporting each epoch to `sink`; resumes from `checkpoint`
     (or from the first of several that loads, newest first: a trial's older checkpoints
@@ -237,17 +267,13 @@ def train_and_evaluate(
     last report carries `test_loss` and `test_accuracy`. A search's trials leave the test
     set alone: only the confirmation phase (study/confirm.py) measures it. `warning` goes
     out with the first report (into trials.csv).
+
+    `reporter_class` makes the callback that reports each epoch, called as `EpochReporter`
+    is: the benchmark (study/bench/) passes a subclass that also times its own work.
     """
-    keras.backend.clear_session()  # A reused Ray worker starts each trial afresh.
-    keras.utils.set_random_seed(config.seed)
-    devices = configure_devices(config)
-    splits = data_lib.split(data, config.data, seed=config.data.split_seed)
-    train, validation, test = _datasets(config, splits)
-    steps_per_epoch = len(train)
+    setup = prepare_trial(config, data)
     checkpoints = [checkpoint] if isinstance(checkpoint, Path) else checkpoint or []
-    model, initial_epoch, restored, failed = _restore_first(
-        config, lambda: compile_for_devices(config, steps_per_epoch, devices), checkpoints
-    )
+    model, initial_epoch, restored, failed = _restore_first(config, setup.compile, checkpoints)
     if failed:
         where = (
             f"continued from epoch {initial_epoch}" if initial_epoch else "restarted from scratch"
@@ -261,15 +287,15 @@ def train_and_evaluate(
         # records it once), train nothing.
         print(f"checkpoint holds the last epoch ({initial_epoch}): nothing to train")
         final = read_state(restored).get("metrics")
-        test = _evaluate(model, test) if evaluate_test else {}
+        test = _evaluate(model, setup.test) if evaluate_test else {}
         if final:
             sink.report({**final, **test, REPLAYED: True}, None)
         return Outcome("completed", [final] if final else [], test=test)
-    reporter = EpochReporter(sink, config, len(splits.y_train), warning)
-    train_input, callbacks = backend.fit_input(train)
+    reporter = reporter_class(sink, config, setup.train_images, warning)
+    train_input, callbacks = backend.fit_input(setup.train)
     model.fit(
         train_input,
-        validation_data=backend.fit_input(validation)[0],
+        validation_data=backend.fit_input(setup.validation)[0],
         epochs=config.training.epochs,
         initial_epoch=initial_epoch,
         callbacks=[*callbacks, reporter],
@@ -280,7 +306,7 @@ def train_and_evaluate(
         epoch, step = reporter.diverged_at
         message = f"non-finite loss in epoch {epoch}, step {step}"
         return Outcome("diverged", reporter.history, message=message)
-    test_metrics = _evaluate(model, test) if evaluate_test else {}
+    test_metrics = _evaluate(model, setup.test) if evaluate_test else {}
     if reporter.final is not None:
         metrics, final_checkpoint = reporter.final
         metrics.update(test_metrics)
@@ -322,22 +348,28 @@ def tune_trainable(
     base: dict | None = None,
     evaluate_test=False,
     recorded: int | None = None,
+    reporter_class: Callable[..., EpochReporter] = EpochReporter,
 ) -> None:
     """The function Ray Tune runs: build the trial's config, resume if asked, train.
 
     `params` is Tune's config for the trial (dotted keys, see study/search.py), laid over
     the study's `base` config. A diverged trial reports once more with `diverged` set, so
     the study records it and the searcher marks it failed, and ends without an error (a
-    retry would diverge again).
+    retry would diverge again). `reporter_class` as in `train_and_evaluate`.
     """
-    run_tune_trial(from_params(params, base), data, evaluate_test, recorded)
+    run_tune_trial(from_params(params, base), data, evaluate_test, recorded, reporter_class)
 
 
 def run_tune_trial(
-    config: TrialConfig, data: data_lib.CifarData, evaluate_test: bool, recorded=None
+    config: TrialConfig,
+    data: data_lib.CifarData,
+    evaluate_test: bool,
+    recorded=None,
+    reporter_class: Callable[..., EpochReporter] = EpochReporter,
 ) -> None:
     """One Tune trial; `recorded` is the last epoch the study had recorded for it when it
-    resumed (see `study.tuning.restore_order`)."""
+    resumed (see `study.tuning.restore_order`), `reporter_class` as in
+    `train_and_evaluate`."""
     from ray import tune
 
     from study.tuning import RESTORE_NOTES, restore_order
@@ -351,7 +383,9 @@ def run_tune_trial(
             Path(stack.enter_context(checkpoint.as_directory()))
             for checkpoint in restore_order(tune.get_checkpoint(), recorded, read_state)
         )
-        outcome = train_and_evaluate(config, data, sink, local, evaluate_test, warning=note)
+        outcome = train_and_evaluate(
+            config, data, sink, local, evaluate_test, warning=note, reporter_class=reporter_class
+        )
     if outcome.status == "diverged":
         epoch = (outcome.history[-1]["epoch"] if outcome.history else 0) + 1
         sink.report({"epoch": epoch, METRIC: 0.0, "diverged": outcome.message}, None)
