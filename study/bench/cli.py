@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--gpu-targets",
         action="store_true",
-        help=f"the issue's GPU targets: full width, batch {GPU_TARGET_BATCH}, mixed and XLA",
+        help=f"measure against the GPU goals: full width, batch {GPU_TARGET_BATCH}, mixed and XLA",
     )
     return parser.parse_args(argv)
 
