@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pandas as pd
@@ -222,20 +223,42 @@ def _saved_state(folder) -> dict:
     return trials
 
 
-def _freeze_and_snapshot(folder, stopped: set) -> bool:
-    """Stops (SIGSTOP) every running trial's worker, then says whether Tune's saved state
-    has caught up with each: its last epoch there is the one trials.csv has."""
-    trials = read_trials(folder)
-    running = trials[trials.status == "running"]
-    for pid in set(running.pid.dropna().astype(int)) - stopped:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)
-        stopped.add(pid)
-    state = _saved_state(folder)
-    return all(
-        trial.trial_id in state and state[trial.trial_id][1] == trial.epochs_run
-        for trial in running.itertuples()
-    )
+class _Freeze:
+    """Called until true: once a trial has finished and another is midway, stops (SIGSTOP)
+    every running trial's worker, then says whether Tune's saved state has caught up with
+    each (its last epoch there is the one trials.csv has) and has stayed so for two seconds
+    since the last worker was stopped: a result that a worker sent just before it stopped
+    reaches the driver's tables first, Tune's state later."""
+
+    def __init__(self, folder):
+        self.folder, self.stopped, self.since = folder, set(), None
+
+    def __call__(self) -> bool:
+        trials = read_trials(self.folder)
+        running = trials[trials.status == "running"]
+        if not self.stopped and not (
+            (trials.status == "completed").any()
+            and running.epochs_run.between(2, 4).any()  # Two epochs to spare.
+        ):
+            return False  # Not yet: a trial has finished and another is midway.
+        for pid in set(running.pid.dropna().astype(int)) - self.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            self.stopped.add(pid)
+            self.since = None
+        state = _saved_state(self.folder)
+        if not all(
+            trial.trial_id in state and state[trial.trial_id][1] == trial.epochs_run
+            for trial in running.itertuples()
+        ):
+            self.since = None
+            return False
+        self.since = self.since or time.monotonic()
+        return time.monotonic() - self.since >= 2
+
+
+def _newest_checkpoint(folder, trial_id) -> str:
+    return max(path.name for path in (folder / f"trial_{trial_id}").glob("checkpoint_*"))
 
 
 def test_interrupted_then_killed_study_resumes_exactly(
@@ -271,18 +294,11 @@ def test_interrupted_then_killed_study_resumes_exactly(
 
     # Resumed, then killed once a trial has finished and another is past epoch 2.
     driver = start_cli("study.run", *resume, env=ray_env)
-    stopped: set[int] = set()
     try:
-        wait_for(
-            lambda: (
-                ((t := read_trials(folder)).status == "completed").sum() >= 1
-                and ((t.status == "running") & (t.epochs_run >= 2)).any()
-            ),
-            interval=0.2,
-        )
-        wait_for(lambda: _freeze_and_snapshot(folder, stopped), timeout=120, interval=0.5)
+        freeze = _Freeze(folder)
+        wait_for(freeze, interval=0.2)
         os.killpg(driver.pid, signal.SIGKILL)
-        for pid in stopped:  # As a machine that went down takes its trials with it.
+        for pid in freeze.stopped:  # As a machine that went down takes its trials with it.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     finally:
@@ -290,10 +306,19 @@ def test_interrupted_then_killed_study_resumes_exactly(
             os.killpg(driver.pid, signal.SIGKILL)
     before = read_trials(folder)
     epochs_before = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
-    # Lose the checkpoint that Tune's state names for one running trial (it has an older one).
-    running = before[(before.status == "running") & (before.epochs_run >= 2)]
-    victim = running.iloc[0]
-    named = _saved_state(folder)[victim.trial_id][2]
+    # Lose the checkpoint that Tune's state names for one running trial, its newest (it has
+    # an older one).
+    state = _saved_state(folder)
+    running = before[(before.status == "running") & (before.epochs_run >= 2)].itertuples()
+    running = [
+        trial
+        for trial in running
+        if state[trial.trial_id][1] == trial.epochs_run
+        and state[trial.trial_id][2] == _newest_checkpoint(folder, trial.trial_id)
+    ]
+    assert running, (state, before[["trial_id", "status", "epochs_run"]])
+    victim = running[0]
+    named = state[victim.trial_id][2]
     shutil.rmtree(folder / f"trial_{victim.trial_id}" / named)
 
     result = run_cli("study.run", *resume, env=ray_env, timeout=600)
@@ -313,6 +338,8 @@ def test_interrupted_then_killed_study_resumes_exactly(
     rows = epochs[epochs.trial_id == victim.trial_id]
     assert (rows.epoch == 1).sum() == 1
     assert sorted(rows[rows.rerun == 1].epoch) == [victim.epochs_run]
+    warned = [line for line in result.stderr.splitlines() if "checkpoint" in line]
+    assert "warning" in after, (victim.trial_id, named, warned)
     assert "is gone from storage; restored from" in after.loc[victim.trial_id, "warning"]
     # Still a stratified study: each loss its share, each with its own Optuna record.
     assert sorted(after["loss.name"].value_counts()) == [1, 1, 2]
