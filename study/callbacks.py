@@ -8,6 +8,7 @@ runs the callbacks that the driver running now gives it: a resumed study takes t
 `--logger` and `--time-budget`, and prints its progress from this run's start.
 """
 
+import contextlib
 import signal
 import sys
 import time
@@ -180,6 +181,7 @@ def _wandb_callback():
             super().__init__(**settings.wandb_init())
             self.params = params
             self.open: set = set()
+            self.pending: dict = {}  # Trial -> its last result's put, not yet awaited.
 
         def log_trial_start(self, trial):
             # wandb.init's arguments end with these keywords: the config is the trial's.
@@ -198,12 +200,28 @@ def _wandb_callback():
             placement = {key: result[key] for key in self.AUTO_CONFIG_KEYS if key in result}
             # Ray's put waits until the trial's queue actor is up, so a trial's first epoch
             # held Tune's loop for a new worker's start-up (2 s here, and Ray warned). The
-            # item is handed over without waiting; the actor takes its calls in order.
+            # item is handed over without waiting, but the queue actor is async, so Ray does
+            # not keep its calls in order: each put waits for the one before (an epoch ago),
+            # and the run's end for the last, or W&B drops an epoch that arrives late (seen
+            # on a busy machine: a run without its last epoch).
+            self._await(trial)
             queue = self._trial_queues[trial]
-            queue.actor.put.remote((_QueueItem.RESULT, {**row, **placement}), None)
+            self.pending[trial] = queue.actor.put.remote(
+                (_QueueItem.RESULT, {**row, **placement}), None
+            )
+
+        def _await(self, trial):
+            import ray
+
+            pending = self.pending.pop(trial, None)
+            # A queue actor that died takes its run with it; the study goes on.
+            if pending is not None:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    ray.get(pending)
 
         def log_trial_end(self, trial, failed=False):
             self.open.discard(trial)
+            self._await(trial)
             super().log_trial_end(trial, failed)
 
         def on_experiment_end(self, trials, **info):

@@ -102,15 +102,20 @@ def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[li
     return candidates, notes
 
 
-def confirm_function(params, data, recorded=None):
-    """One confirmation run, in its Ray worker: a candidate's config with a new seed."""
+def confirm_function(params, data, recorded=None, experiment=None):
+    """One confirmation run, in its Ray worker: a candidate's config with a new seed
+    (`recorded` and `experiment` as in `study.tuning.trial_function`)."""
     from ray import tune
 
     from study.trainable import run_tune_trial
 
     raw = {**params["candidate"]["config"], "seed": params["seed"]}
-    epoch = (recorded or {}).get(tune.get_context().get_trial_id())
-    run_tune_trial(validate(raw), data, evaluate_test=True, recorded=epoch)
+    trial_id = tune.get_context().get_trial_id()
+    folder = f"{experiment}/trial_{trial_id}" if experiment else None
+    run_tune_trial(
+        validate(raw), data, evaluate_test=True, recorded=(recorded or {}).get(trial_id),
+        folder=folder,
+    )  # fmt: skip
 
 
 def confirm_params(trial) -> dict:
@@ -249,7 +254,10 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, p
     concurrent = resources(study, options)[1]
     confirm_dir = options.results_dir / CONFIRM_DIR
     recorded = recorded_epochs(confirm_dir) if options.resume else {}
-    trainable = tune.with_parameters(confirm_function, data=data, recorded=recorded)
+    trainable = tune.with_parameters(
+        confirm_function, data=data, recorded=recorded,
+        experiment=f"{options.experiment_path}/{CONFIRM_DIR}",
+    )  # fmt: skip
     trainable = tune.with_resources(resilient(trainable), per_trial)
     recorder = _recorder_class()(confirm_dir, study.trial.training.epochs, compared(study)[0])
     # Beside the study's own experiment: <storage>/<name>/confirm.

@@ -349,15 +349,17 @@ def tune_trainable(
     evaluate_test=False,
     recorded: int | None = None,
     reporter_class: Callable[..., EpochReporter] = EpochReporter,
+    folder: str | None = None,
 ) -> None:
     """The function Ray Tune runs: build the trial's config, resume if asked, train.
 
     `params` is Tune's config for the trial (dotted keys, see study/search.py), laid over
     the study's `base` config. A diverged trial reports once more with `diverged` set, so
     the study records it and the searcher marks it failed, and ends without an error (a
-    retry would diverge again). `reporter_class` as in `train_and_evaluate`.
+    retry would diverge again). `reporter_class` as in `train_and_evaluate`; `recorded` and
+    `folder` as in `run_tune_trial`.
     """
-    run_tune_trial(from_params(params, base), data, evaluate_test, recorded, reporter_class)
+    run_tune_trial(from_params(params, base), data, evaluate_test, recorded, reporter_class, folder)
 
 
 def run_tune_trial(
@@ -366,10 +368,11 @@ def run_tune_trial(
     evaluate_test: bool,
     recorded=None,
     reporter_class: Callable[..., EpochReporter] = EpochReporter,
+    folder: str | None = None,
 ) -> None:
     """One Tune trial; `recorded` is the last epoch the study had recorded for it when it
-    resumed (see `study.tuning.restore_order`), `reporter_class` as in
-    `train_and_evaluate`."""
+    resumed, `folder` the trial's folder in the study's storage (see
+    `study.tuning.restore_order`); `reporter_class` as in `train_and_evaluate`."""
     from ray import tune
 
     from study.tuning import RESTORE_NOTES, restore_order
@@ -381,7 +384,7 @@ def run_tune_trial(
         # Downloaded one at a time, only as far as they are needed.
         local = (
             Path(stack.enter_context(checkpoint.as_directory()))
-            for checkpoint in restore_order(tune.get_checkpoint(), recorded, read_state)
+            for checkpoint in restore_order(tune.get_checkpoint(), recorded, read_state, folder)
         )
         outcome = train_and_evaluate(
             config, data, sink, local, evaluate_test, warning=note, reporter_class=reporter_class

@@ -225,42 +225,59 @@ def check_cluster(options: StudyOptions, per_trial: dict) -> None:
 RESTORE_NOTES: dict[str, str] = {}
 
 
-def _siblings(checkpoint) -> tuple[list, list]:
-    """The checkpoints beside `checkpoint` in its trial's folder: newer, then older than it,
-    each newest first."""
+def _checkpoints(folder: str, filesystem) -> list:
+    """The checkpoints in a trial's folder on `filesystem`, newest first."""
     import pyarrow.fs
     from ray import tune
 
-    folder, name = checkpoint.path.rstrip("/").rsplit("/", 1)
-    found = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
     names = sorted(
         (info.base_name for info in found if info.base_name.startswith("checkpoint_")
-         and info.type == pyarrow.fs.FileType.Directory and info.base_name != name),
+         and info.type == pyarrow.fs.FileType.Directory),
         reverse=True,
     )  # fmt: skip
-
-    def checkpoints(chosen):
-        return [tune.Checkpoint(f"{folder}/{each}", checkpoint.filesystem) for each in chosen]
-
-    return checkpoints(n for n in names if n > name), checkpoints(n for n in names if n < name)
+    return [tune.Checkpoint(f"{folder}/{name}", filesystem) for name in names]
 
 
-def restore_order(named, recorded: int | None, read_state) -> list:
+def _siblings(checkpoint) -> tuple[list, list]:
+    """The checkpoints beside `checkpoint` in its trial's folder: newer, then older than it,
+    each newest first."""
+    folder, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    found = _checkpoints(folder, checkpoint.filesystem)
+    return (
+        [each for each in found if each.path.rsplit("/", 1)[1] > name],
+        [each for each in found if each.path.rsplit("/", 1)[1] < name],
+    )
+
+
+def _first_recorded(checkpoints: list, recorded: int, read_state) -> list:
+    """`checkpoints` (newest first) from the first whose epoch the study has recorded."""
+    for number, checkpoint in enumerate(checkpoints):
+        with contextlib.suppress(Exception), checkpoint.as_directory() as directory:
+            if read_state(directory)["epoch"] <= recorded:
+                return checkpoints[number:]
+    return []
+
+
+def restore_order(named, recorded: int | None, read_state, trial_folder: str | None = None):
     """Where a restored trial tries to continue from, in turn: the newest checkpoint in its
     folder whose epoch the study has recorded (`recorded`: the last epoch in epochs.csv
     when the study resumed), if newer than the one Tune named; then the named one; then
     older ones (the named one may be unreadable). Tune saves its state every few seconds,
     so it may name a checkpoint older than the last epoch the study recorded: continuing
-    from that epoch's checkpoint runs no epoch twice and skips none. `read_state` reads a
-    local checkpoint's state.json."""
+    from that epoch's checkpoint runs no epoch twice and skips none. It may also hold a
+    trial's last result but not yet the checkpoint that came with it, and name none: then
+    the newest recorded one in `trial_folder` (a path or URI). `read_state` reads a local
+    checkpoint's state.json."""
     if named is None:
-        return []
+        if not (recorded and trial_folder):
+            return []
+        import pyarrow.fs
+
+        filesystem, folder = pyarrow.fs.FileSystem.from_uri(trial_folder)
+        return _first_recorded(_checkpoints(folder.rstrip("/"), filesystem), recorded, read_state)
     newer, older = _siblings(named)
-    for checkpoint in newer if recorded else []:
-        with contextlib.suppress(Exception), checkpoint.as_directory() as directory:
-            if read_state(directory)["epoch"] <= recorded:
-                return [checkpoint, named, *older]
-    return [named, *older]
+    return [*(_first_recorded(newer, recorded, read_state)[:1] if recorded else []), named, *older]
 
 
 def recorded_epochs(results_dir: Path) -> dict[str, int]:
@@ -311,16 +328,18 @@ def resilient(function):
     return Resilient
 
 
-def trial_function(params, data, base=None, recorded=None):
+def trial_function(params, data, base=None, recorded=None, experiment=None):
     """What each trial runs, in its Ray worker (where TensorFlow is imported): its values
     (`params`, Tune's config) laid over the study's base config. `recorded`: the last epoch
-    of each trial in epochs.csv when the study resumed."""
+    of each trial in epochs.csv when the study resumed; `experiment`: the study's folder
+    (a path or URI), which holds the trial's."""
     from ray import tune
 
     from study.trainable import tune_trainable
 
-    epoch = (recorded or {}).get(tune.get_context().get_trial_id())
-    tune_trainable(params, data, base, recorded=epoch)
+    trial_id = tune.get_context().get_trial_id()
+    folder = f"{experiment}/trial_{trial_id}" if experiment else None
+    tune_trainable(params, data, base, recorded=(recorded or {}).get(trial_id), folder=folder)
 
 
 def param_space(study: StudyConfig) -> dict:
@@ -386,7 +405,9 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
     per_trial, concurrent = resources(study, options)
     base = study.trial.to_dict()
     recorded = recorded_epochs(options.results_dir) if options.resume else {}
-    trainable = tune.with_parameters(trial_function, data=data, base=base, recorded=recorded)
+    trainable = tune.with_parameters(
+        trial_function, data=data, base=base, recorded=recorded, experiment=options.experiment_path
+    )
     trainable = tune.with_resources(resilient(trainable), per_trial)
     recorder = StudyRecorder(options.results_dir, study.trial.training.epochs, base)
     if options.resume:

@@ -41,10 +41,27 @@ _unexpected_skips: list[str] = []
 RAY_FIXTURES = {"ray_env", "ray_cluster", "local_ray", "shared_study", "study_folder"}
 
 
+# Fixtures made once per module or session at some cost: under pytest-xdist (`-n`, on by
+# default) the tests that share one run on one worker, so that it is made once.
+SHARED_FIXTURES = {
+    "shared_study": "shared study",
+    "compiled": "backends",
+    "study_folder": "analysis study",
+    "backend_values": "loss values",
+    "local_ray": "local ray",
+}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if RAY_FIXTURES & fixtures:
             item.add_marker(pytest.mark.study)
+        for fixture in sorted(SHARED_FIXTURES.keys() & fixtures)[:1]:
+            item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURES[fixture]))
+    # The long ones first, so that two workers end together rather than one waiting on
+    # the other's last study.
+    items.sort(key=lambda item: item.get_closest_marker("study") is None)
 
 
 def pytest_runtest_logreport(report):

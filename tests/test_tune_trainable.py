@@ -116,3 +116,34 @@ def test_tune_trial_reports_every_epoch_and_resumes_from_its_checkpoint(
 def test_tune_trainable_refuses_a_bad_config():
     with pytest.raises(ValueError, match="model.width"):
         tune_trainable({"model": {"width": -1}}, data=None)
+
+
+def test_a_restore_order_starts_from_the_newest_checkpoint_the_study_recorded(tmp_path):
+    """Tune's saved state can hold a trial's last result without its checkpoint, and name
+    none (seen under load, after Ctrl-C and after a kill): the trial then goes on from the
+    newest checkpoint in its folder whose epoch the study recorded, not from scratch."""
+    from study.trainable import read_state
+    from study.tuning import restore_order
+
+    folder = tmp_path / "trial_a"
+    for index in range(3):  # Epochs 1, 2, 3; the study recorded 2 (3 was being written).
+        (folder / f"checkpoint_{index:06d}").mkdir(parents=True)
+        (folder / f"checkpoint_{index:06d}" / "state.json").write_text(f'{{"epoch": {index + 1}}}')
+
+    def names(order):
+        return [Path(checkpoint.path).name for checkpoint in order]
+
+    assert names(restore_order(None, 2, read_state, str(folder))) == [
+        "checkpoint_000001", "checkpoint_000000",
+    ]  # fmt: skip
+    assert restore_order(None, None, read_state, str(folder)) == []  # A trial never recorded.
+    assert restore_order(None, 2, read_state, str(tmp_path / "trial_b")) == []  # No folder.
+    # Named: a newer recorded checkpoint first, then the named one and the older ones.
+    named = tune.Checkpoint(str(folder / "checkpoint_000000"))
+    assert names(restore_order(named, 2, read_state, str(folder))) == [
+        "checkpoint_000001", "checkpoint_000000",
+    ]  # fmt: skip
+    named = tune.Checkpoint(str(folder / "checkpoint_000001"))
+    assert names(restore_order(named, None, read_state)) == [
+        "checkpoint_000001", "checkpoint_000000",
+    ]  # fmt: skip
