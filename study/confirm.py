@@ -31,6 +31,7 @@ from study.tuning import (
     resilient,
     resources,
     resume_command,
+    resume_point,
     run_config,
 )
 
@@ -104,18 +105,11 @@ def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[li
 
 def confirm_function(params, data, recorded=None, experiment=None):
     """One confirmation run, in its Ray worker: a candidate's config with a new seed
-    (`recorded` and `experiment` as in `study.tuning.trial_function`)."""
-    from ray import tune
-
+    (`recorded` and `experiment` as in `study.tuning.resume_point`)."""
     from study.trainable import run_tune_trial
 
     raw = {**params["candidate"]["config"], "seed": params["seed"]}
-    trial_id = tune.get_context().get_trial_id()
-    folder = f"{experiment}/trial_{trial_id}" if experiment else None
-    run_tune_trial(
-        validate(raw), data, evaluate_test=True, recorded=(recorded or {}).get(trial_id),
-        folder=folder,
-    )  # fmt: skip
+    run_tune_trial(validate(raw), data, evaluate_test=True, **resume_point(recorded, experiment))
 
 
 def confirm_params(trial) -> dict:

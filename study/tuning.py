@@ -328,18 +328,24 @@ def resilient(function):
     return Resilient
 
 
-def trial_function(params, data, base=None, recorded=None, experiment=None):
-    """What each trial runs, in its Ray worker (where TensorFlow is imported): its values
-    (`params`, Tune's config) laid over the study's base config. `recorded`: the last epoch
-    of each trial in epochs.csv when the study resumed; `experiment`: the study's folder
-    (a path or URI), which holds the trial's."""
+def resume_point(recorded: dict | None, experiment: str | None) -> dict:
+    """For the trial running here, in its worker: `recorded`, the last epoch the study had
+    recorded for it when it resumed (from the last epoch of each trial in epochs.csv), and
+    `folder`, its folder in the study's storage (`experiment`, a path or URI)."""
     from ray import tune
-
-    from study.trainable import tune_trainable
 
     trial_id = tune.get_context().get_trial_id()
     folder = f"{experiment}/trial_{trial_id}" if experiment else None
-    tune_trainable(params, data, base, recorded=(recorded or {}).get(trial_id), folder=folder)
+    return {"recorded": (recorded or {}).get(trial_id), "folder": folder}
+
+
+def trial_function(params, data, base=None, recorded=None, experiment=None):
+    """What each trial runs, in its Ray worker (where TensorFlow is imported): its values
+    (`params`, Tune's config) laid over the study's base config; `recorded` and
+    `experiment` as in `resume_point`."""
+    from study.trainable import tune_trainable
+
+    tune_trainable(params, data, base, **resume_point(recorded, experiment))
 
 
 def param_space(study: StudyConfig) -> dict:
