@@ -57,8 +57,8 @@ def pytest_collection_modifyitems(config, items):
         fixtures = set(getattr(item, "fixturenames", ()))
         if RAY_FIXTURES & fixtures:
             item.add_marker(pytest.mark.study)
-        for fixture in sorted(SHARED_FIXTURES.keys() & fixtures)[:1]:
-            item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURES[fixture]))
+        if shared := sorted(SHARED_FIXTURES.keys() & fixtures):
+            item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURES[shared[0]]))
     # The long ones first, so that two workers end together rather than one waiting on
     # the other's last study.
     items.sort(key=lambda item: item.get_closest_marker("study") is None)
