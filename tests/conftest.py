@@ -52,6 +52,9 @@ SHARED_FIXTURES = {
 }
 
 
+# First: xdist's own hook turns each test's xdist_group into its node id's "@group" suffix,
+# which is what its scheduler reads; a group marked after that is ignored.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
