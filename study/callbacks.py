@@ -68,6 +68,19 @@ class Endings:
         return "completed" if finished else "early_stopped"
 
 
+def events_folder(trial) -> Path:
+    """Where a trial's TensorBoard events go: its folder in the study where that is on this
+    machine, written there at once. Ray's own loggers write to a staging folder under
+    /tmp/ray that Ray copies to the study now and then; a driver killed in between lost
+    the epochs since (and a resumed study does not log them again). On remote storage,
+    that staging folder, which Ray uploads."""
+    import pyarrow.fs
+
+    if isinstance(trial.storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(trial.path)
+    return Path(trial.local_path)
+
+
 class TensorBoardLogger(TBXLoggerCallback):
     """Takes the place of Ray's TensorBoard logger, writing what a local run writes into
     each trial's folder: every epoch's metrics at step = epoch, and the trial's values as
@@ -81,9 +94,9 @@ class TensorBoardLogger(TBXLoggerCallback):
 
     def log_trial_start(self, trial):
         if trial in self.runs:  # Restarted after a failure: a new events file.
-            self.runs.pop(trial).writer.close()
+            self.runs.pop(trial).close()
         trial.init_local_path()
-        self.runs[trial] = trackers.TensorBoardRun(Path(trial.local_path), self.params(trial))
+        self.runs[trial] = trackers.TensorBoardRun(events_folder(trial), self.params(trial))
 
     def log_trial_result(self, iteration, trial, result):
         if (row := self.endings.saw(trial, result)) is None:
@@ -98,7 +111,7 @@ class TensorBoardLogger(TBXLoggerCallback):
 
     def on_experiment_end(self, trials, **info):
         for run in self.runs.values():  # Interrupted: left open for --resume.
-            run.writer.close()
+            run.close()
 
 
 def _mlflow_callback():

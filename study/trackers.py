@@ -205,25 +205,41 @@ def hparams_summaries(hparams: dict):
 
 
 class TensorBoardRun:
-    """One run's event files in `folder`: every epoch's metrics as scalars (the epoch as
-    the step) and the run's hyper-parameters for TensorBoard's HParams dashboard."""
+    """One run's events file in `folder`: every epoch's metrics as scalars (the epoch as
+    the step) and the run's hyper-parameters for TensorBoard's HParams dashboard. Each
+    event is on disk once written: tensorboardX's SummaryWriter hands events to a thread
+    that flushes every `flush_secs`, so a driver killed in between lost what it had logged
+    (a resumed study does not log those epochs again)."""
 
     def __init__(self, folder: Path, hparams: dict):
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
 
-        self.writer = SummaryWriter(str(folder), flush_secs=30)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.writer = EventsWriter(str(folder / "events"))
         experiment, start, self.ended = hparams_summaries(hparams)
-        self.writer.file_writer.add_summary(experiment)
-        self.writer.file_writer.add_summary(start)
+        self._write(experiment)
+        self._write(start)
+
+    def _write(self, summary, step: int = 0) -> None:
+        import time
+
+        from tensorboardX.proto.event_pb2 import Event
+
+        self.writer.write_event(Event(wall_time=time.time(), step=step, summary=summary))
         self.writer.flush()
 
     def epoch(self, metrics: dict) -> None:
-        for key, value in scalars(metrics).items():
-            self.writer.add_scalar(key, value, global_step=int(metrics["epoch"]))
-        self.writer.flush()
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import scalar
 
-    def close(self, status: str) -> None:
-        self.writer.file_writer.add_summary(self.ended(status))
+        values = [scalar(key, value).value[0] for key, value in scalars(metrics).items()]
+        self._write(Summary(value=values), int(metrics["epoch"]))
+
+    def close(self, status: str | None = None) -> None:
+        """Ends the run with its status; without one (an interrupted study, which resumes)
+        only closes the file."""
+        if status is not None:
+            self._write(self.ended(status))
         self.writer.close()
 
 

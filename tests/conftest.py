@@ -38,13 +38,16 @@ _unexpected_skips: list[str] = []
 
 # Fixtures that start Ray (or a whole study on it): a test that uses one is a `study`
 # test, so `pytest -m "not slow and not study"` is a quick run that starts no Ray.
-RAY_FIXTURES = {"ray_env", "ray_cluster", "local_ray", "shared_study", "study_folder"}
+RAY_FIXTURES = {
+    "ray_env", "ray_cluster", "local_ray", "shared_study", "study_folder", "confirmed_study",
+}  # fmt: skip
 
 
 # Fixtures made once per module or session at some cost: under pytest-xdist (`-n`, on by
 # default) the tests that share one run on one worker, so that it is made once.
 SHARED_FIXTURES = {
     "shared_study": "shared study",
+    "confirmed_study": "confirmed study",
     "compiled": "backends",
     "study_folder": "analysis study",
     "backend_values": "loss values",
@@ -437,3 +440,61 @@ def shared_study(tmp_path_factory, cifar10_tarball) -> Study:
         driver.returncode,
         victim,
     )
+
+
+@dataclass
+class Confirmed:
+    """configs/seed.yaml's grid study, then its confirmation: killed, refused, resumed."""
+
+    folder: Path
+    study: subprocess.CompletedProcess  # The grid study.
+    killed: str  # What the confirmation's first driver printed before its SIGKILL.
+    before: pd.DataFrame  # confirm.csv at the kill.
+    epochs_before: pd.DataFrame  # The confirmation's epochs.csv at the kill.
+    again: subprocess.CompletedProcess  # --confirm again, without --resume.
+    resumed: subprocess.CompletedProcess  # --confirm --resume.
+
+
+def _finished_runs(folder: Path) -> int:
+    return (read_trials(folder, "confirm.csv").status == "completed").sum()
+
+
+@pytest.fixture(scope="session")
+def confirmed_study(tmp_path_factory, cifar100_tarball) -> Confirmed:
+    """configs/seed.yaml as a grid study over 2 of its losses (narrow, 2 epochs), then 2
+    losses x 2 seeds of confirmation, its driver killed once a run has finished, then
+    resumed. The confirmation logs to MLflow and W&B (offline) where they are installed:
+    tests/test_confirm.py reads its results, tests/test_tools.py its trackers."""
+    root = tmp_path_factory.mktemp("confirm")
+    tiny = [
+        "--set", "model.width=0.0625", "--set", "training.epochs=2",
+        "--set", "training.batch_size=50", "--set", "training.eval_batch_size=200",
+        "--set", "search.space.loss.name={choice: [categorical_crossentropy, hinge]}",
+    ]  # fmt: skip
+    common = ["--storage-path", root, "--name", "seed", "--no-dashboard"]
+    loggers = [f"--logger={name}" for name in ("mlflow", "wandb") if importlib.util.find_spec(name)]
+    confirm = ["--confirm", "--seeds", "2", *common, *loggers]
+    folder = root / "seed"
+    with isolated_ray() as env:
+        env = {**env, "WANDB_MODE": "offline"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        study = run_cli(
+            "study.run", "--config", REPO / "configs/seed.yaml", "--data-dir", cifar100_tarball,
+            *tiny, *common, env=env,
+        )  # fmt: skip
+        assert study.returncode == 0, study.stderr[-3000:]
+        with open(root / "killed.log", "w") as log:
+            driver = start_cli("study.run", *confirm, env=env, output=log)
+            try:
+                wait_for(lambda: _finished_runs(folder) >= 1, timeout=600)
+                before = pd.read_csv(folder / "confirm.csv", dtype={"trial_id": str})
+                epochs = pd.read_csv(folder / "confirm" / "epochs.csv", dtype={"trial_id": str})
+                driver.send_signal(signal.SIGKILL)
+                driver.wait(timeout=60)
+            finally:
+                if driver.poll() is None:
+                    os.killpg(driver.pid, signal.SIGKILL)
+        again = run_cli("study.run", *confirm, env=env)
+        resumed = run_cli("study.run", *confirm, "--resume", env=env)
+    killed = (root / "killed.log").read_text()
+    return Confirmed(folder, study, killed, before, epochs, again, resumed)

@@ -2,8 +2,6 @@
 computation, and a real run (study, then confirmation killed and resumed) on generated data."""
 
 import math
-import os
-import signal
 
 import numpy as np
 import pandas as pd
@@ -15,7 +13,7 @@ from study import confirm
 from study.config import ConfigError
 from study.search_config import load_study
 
-from .conftest import REPO, read_trials, run_cli, start_cli, wait_for
+from .conftest import run_cli
 
 T_975 = {1: 12.706204736174698, 2: 4.302652729749464}  # Student's t, 97.5th percentile.
 
@@ -187,44 +185,22 @@ def test_confirm_refuses_bad_input(tmp_path, args, expected):
     assert result.stderr.strip().splitlines()[-1].startswith(expected)
 
 
-def _finished_runs(folder) -> int:
-    return (read_trials(folder, "confirm.csv").status == "completed").sum()
-
-
 @pytest.mark.study
-def test_seed_grid_then_confirmation_killed_and_resumed(tmp_path, cifar100_tarball, ray_env):
+def test_seed_grid_then_confirmation_killed_and_resumed(confirmed_study):
     """configs/seed.yaml as a grid study over 2 of its losses (narrow, 2 epochs), then
-    2 losses x 2 seeds of confirmation, its driver killed after the first run, resumed."""
-    tiny = [
-        "--set", "model.width=0.0625", "--set", "training.epochs=2",
-        "--set", "training.batch_size=50", "--set", "training.eval_batch_size=200",
-        "--set", "search.space.loss.name={choice: [categorical_crossentropy, hinge]}",
-    ]  # fmt: skip
-    common = ["--storage-path", tmp_path, "--name", "seed", "--no-dashboard"]
-    study = run_cli(
-        "study.run", "--config", REPO / "configs/seed.yaml", "--data-dir", cifar100_tarball,
-        *tiny, *common, env=ray_env,
-    )  # fmt: skip
-    assert study.returncode == 0, study.stderr[-3000:]
-    folder = tmp_path / "seed"
+    2 losses x 2 seeds of confirmation, its driver killed after the first run, resumed
+    (the `confirmed_study` fixture, tests/conftest.py)."""
+    done = confirmed_study
+    assert done.study.returncode == 0, done.study.stderr[-3000:]
+    folder = done.folder
     trials = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str})
     assert sorted(trials["loss.name"]) == ["categorical_crossentropy", "hinge"]
     assert set(trials.status) == {"completed"} and set(trials.epochs_run) == {2}
+    before = done.before
+    assert (before.status == "completed").sum() < 4, "killed too late to test the resume"
 
-    driver = start_cli("study.run", "--confirm", "--seeds", "2", *common, env=ray_env)
-    try:
-        wait_for(lambda: _finished_runs(folder) >= 1, timeout=600)
-        before = pd.read_csv(folder / "confirm.csv", dtype={"trial_id": str})
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=60)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    assert _finished_runs(folder) < 4, "killed too late to test the resume"
-
-    again = run_cli("study.run", "--confirm", "--seeds", "2", *common, env=ray_env)
-    assert again.returncode == 2 and "add --resume to continue it" in again.stderr
-    resumed = run_cli("study.run", "--confirm", "--resume", "--seeds", "2", *common, env=ray_env)
+    assert done.again.returncode == 2 and "add --resume to continue it" in done.again.stderr
+    resumed = done.resumed
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     runs = pd.read_csv(folder / "confirm.csv", dtype={"trial_id": str, "config_id": str})
@@ -238,9 +214,9 @@ def test_seed_grid_then_confirmation_killed_and_resumed(tmp_path, cifar100_tarba
     # Each loss's configuration is its grid trial; the runs finished before the kill stand.
     ids = dict(zip(trials["loss.name"], trials.trial_id, strict=True))
     assert all(ids[row["loss.name"]] == row["config_id"] for row in runs.to_dict("records"))
-    done = before[before.status == "completed"]
-    kept = runs.merge(done, on=["trial_id", "test_accuracy"])
-    assert len(kept) == len(done)
+    finished = before[before.status == "completed"]
+    kept = runs.merge(finished, on=["trial_id", "test_accuracy"])
+    assert len(kept) == len(finished)
     # The printed table is the reference computation over confirm.csv.
     for loss, group in runs.groupby("loss.name"):
         values = group.test_accuracy.to_numpy()

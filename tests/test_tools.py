@@ -35,7 +35,7 @@ from .conftest import (
     TINY_STUDY,
     Study,
     free_port,
-    isolated_ray,
+    read_trials,
     run_cli,
     study_args,
     wait_for,
@@ -66,19 +66,6 @@ NOISE = (
 @pytest.fixture(scope="module")
 def study(shared_study):
     return shared_study
-
-
-@pytest.fixture(scope="module")
-def confirmed(study, tmp_path_factory) -> subprocess.CompletedProcess:
-    """The study's --confirm (2 seeds), logged to MLflow and W&B (offline) as well."""
-    with isolated_ray() as env:
-        env = {**env, "WANDB_MODE": "offline"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        return run_cli(
-            "study.run", "--confirm", "--name", NAME, "--storage-path", study.folder.parent,
-            "--seeds", "2", "--no-dashboard", "--logger", "mlflow", "--logger", "wandb",
-            env=env, timeout=900,
-        )  # fmt: skip
 
 
 @pytest.mark.study
@@ -387,18 +374,27 @@ def test_a_local_run_writes_tensorboard_mlflow_and_wandb_quietly(tmp_path, cifar
 
 
 @pytest.mark.study
-def test_the_confirmation_reaches_the_same_tools(study, confirmed):
+def test_the_confirmation_reaches_the_same_tools(confirmed_study):
+    """The confirmation (`confirmed_study`, tests/conftest.py: killed once a run had
+    finished, then resumed) logs each run to the same tools: MLflow once, however often it
+    resumed; W&B in one offline segment per driver that ran it (the same run id, which
+    `wandb sync` joins); TensorBoard its test accuracy. Its console: progress lines, no
+    start-up noise."""
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing import event_accumulator
 
-    assert confirmed.returncode == 0, confirmed.stderr[-3000:]
-    for noise in NOISE:
-        assert noise not in confirmed.stdout + confirmed.stderr, noise
-    folder = study.folder / "confirm"
+    done = confirmed_study
+    resumed = done.resumed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for output in (done.killed, resumed.stdout + resumed.stderr):
+        for noise in NOISE:
+            assert noise not in output, noise
+    folder = done.folder / "confirm"
     runs = pd.read_csv(folder / "trials.csv", dtype={"trial_id": str, "config_id": str})
     runs = runs.set_index("trial_id")
-    lines = _progress(confirmed.stdout)
-    assert len(lines) >= len(runs)
+    finished = set(done.before.trial_id[done.before.status == "completed"])
+    lines = _progress(resumed.stdout)
+    assert len(lines) >= len(set(runs.index) - finished)  # One at least as each ends.
     # An estimate once an epoch has ended (on a busy machine the first line may come before).
     estimates = ["left at this rate" in line for line in lines]
     assert any(estimates)
@@ -406,26 +402,82 @@ def test_the_confirmation_reaches_the_same_tools(study, confirmed):
     assert all("time left unknown until an epoch ends" in line for line in lines[:first])
     assert not any("ASHA" in line for line in lines)  # Every run goes the full budget.
     assert lines[-1].startswith(f"progress: {len(runs)}/{len(runs)} trials done, 0 running")
+
     epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
-    client = MlflowClient(f"sqlite:///{study.folder}/mlflow.db")
-    experiment = client.get_experiment_by_name(f"{NAME}-confirm").experiment_id
-    logged = {run.data.tags["ray_trial_id"]: run for run in client.search_runs([experiment])}
-    assert set(logged) == set(runs.index)
-    wandb_runs = {f.name.rsplit("-", 1)[1]: f for f in (study.folder / "wandb").glob("offline-*")}
-    trials = study.trials()
+    client = MlflowClient(f"sqlite:///{done.folder}/mlflow.db")
+    experiment = client.get_experiment_by_name("seed-confirm").experiment_id
+    logged = [run for run in client.search_runs([experiment])]
+    assert sorted(run.data.tags["ray_trial_id"] for run in logged) == sorted(runs.index)
+    logged = {run.data.tags["ray_trial_id"]: run for run in logged}  # One run each.
+    segments: dict[str, list[Path]] = {}
+    for path in sorted((done.folder / "wandb").glob("offline-run-*")):  # In time order.
+        segments.setdefault(path.name.rsplit("-", 1)[1], []).append(path)
+    assert set(segments) == set(runs.index)
+    trials = read_trials(done.folder).set_index("trial_id")
+    # The epochs reported after the kill: each must reach W&B (earlier ones may be lost
+    # with the killed driver's W&B process).
+    merged = epochs.merge(done.epochs_before, how="left", indicator=True)
+    since = (merged["_merge"] == "left_only").to_numpy()
     for trial_id, run in runs.iterrows():
         # What it trained with: the study trial's values, with its own seed.
         trained = trials.loc[run.config_id]
-        params = logged[trial_id].data.params
+        rows = epochs[epochs.trial_id == trial_id]
+        mlflow_run = logged[trial_id]
+        params = mlflow_run.data.params
         assert params["seed"] == str(run.seed) and params["config_id"] == run.config_id
         assert _same(params["optimizer.learning_rate"], trained["optimizer.learning_rate"])
-        config, history = _wandb_run(wandb_runs[trial_id])
-        assert config["seed"] == run.seed and config["loss.name"] == trained["loss.name"]
-        rows = epochs[epochs.trial_id == trial_id]
-        assert [r["val_accuracy"] for r in history] == pytest.approx(rows.val_accuracy.tolist())
+        assert mlflow_run.info.status == "FINISHED"
+        metric = client.get_metric_history(mlflow_run.info.run_id, "val_accuracy")
+        steps = [m.step for m in metric]
+        assert sorted(set(steps)) == sorted(set(rows.epoch)), trial_id
+        history = []
+        for segment in segments[trial_id]:
+            config, part = _wandb_run(segment)
+            assert config["seed"] == run.seed and config["loss.name"] == trained["loss.name"]
+            history += [(row["epoch"], row["val_accuracy"]) for row in part]
+        reported = list(zip(rows.epoch, rows.val_accuracy, strict=True))
+        assert _in_order_within(history, reported), (trial_id, history, reported)
+        after = rows[since[rows.index]]
+        after = list(zip(after.epoch, after.val_accuracy, strict=True))
+        assert _in_order_within(after, history), (trial_id, after, history)
+        # TensorBoard's files are written in the trial's folder as each epoch ends: the
+        # killed driver's too.
         events = event_accumulator.EventAccumulator(str(folder / f"trial_{trial_id}"))
         events.Reload()
+        board = [(s.step, s.value) for s in events.Scalars("val_accuracy")]
+        assert _in_order_within(board, reported) and _in_order_within(after, board), trial_id
         assert [s.step for s in events.Scalars("test_accuracy")] == [rows.epoch.max()]
+
+
+def _in_order_within(part: list, whole: list) -> bool:
+    """Whether `part`'s (epoch, value) pairs are in `whole`, in its order."""
+    rest = iter(whole)
+    return all(
+        any(epoch == e and value == pytest.approx(v) for e, v in rest) for epoch, value in part
+    )
+
+
+def test_tensorboard_keeps_each_epoch_when_the_process_is_killed(tmp_path):
+    """A driver killed (SIGKILL) after an epoch has that epoch in its events file: each is
+    on disk once written, not held for a periodic flush."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    code = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from study.trackers import TensorBoardRun\n"
+        "run = TensorBoardRun(Path(sys.argv[1]), {'loss.name': 'hinge', 'seed': 1})\n"
+        "time.sleep(0.5)\n"  # A writer thread's first flush is at once; later ones are not.
+        "run.epoch({'epoch': 1, 'val_accuracy': 0.25, 'loss': 2.0})\n"
+        "time.sleep(0.5)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("val_accuracy")] == [(1, 0.25)]
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
 
 def test_the_console_filter_drops_native_start_up_lines_only():
