@@ -430,11 +430,15 @@ def test_the_confirmation_reaches_the_same_tools(confirmed_study):
         metric = client.get_metric_history(mlflow_run.info.run_id, "val_accuracy")
         steps = [m.step for m in metric]
         assert sorted(set(steps)) == sorted(set(rows.epoch)), trial_id
-        history = []
+        history, configs = [], []
         for segment in segments[trial_id]:
             config, part = _wandb_run(segment)
-            assert config["seed"] == run.seed and config["loss.name"] == trained["loss.name"]
+            configs.append(config)
             history += [(row["epoch"], row["val_accuracy"]) for row in part]
+        if trial_id not in finished:  # Its last segment: from the driver that ended well.
+            assert configs[-1], trial_id
+        for config in filter(None, configs):  # The killed driver's W&B may not have written.
+            assert config["seed"] == run.seed and config["loss.name"] == trained["loss.name"]
         reported = list(zip(rows.epoch, rows.val_accuracy, strict=True))
         assert _in_order_within(history, reported), (trial_id, history, reported)
         after = rows[since[rows.index]]
