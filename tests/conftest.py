@@ -109,6 +109,13 @@ def require_jax() -> None:
         pytest.skip("JAX is not installed: pip install -e '.[jax]'")
 
 
+def quick_xla_flags() -> str:
+    """XLA_FLAGS for tests, which compile many small programs once each: LLVM's
+    optimisations of the compiled code cost more time than they save (two thirds of JAX's
+    compile time here)."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+
 def on_backends(module: str, function: str, *args, timeout=900) -> dict:
     """`module.function(*args)` with Keras on each backend, each in a new process (Keras
     fixes its backend per process), all at once: compiling is mostly single-threaded, so
@@ -120,9 +127,7 @@ def on_backends(module: str, function: str, *args, timeout=900) -> dict:
         f"result = getattr(importlib.import_module({module!r}), {function!r})(*{args!r})\n"
         "print('RESULT ' + json.dumps(result))"
     )
-    # Tests compile many small programs once each: LLVM's optimisations of the compiled
-    # code cost more time than they save (two thirds of JAX's compile time here).
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    flags = quick_xla_flags()
     processes = {
         name: subprocess.Popen(
             [sys.executable, "-c", code],

@@ -23,6 +23,7 @@ from analysis.results import comparison, format_comparison
 from .conftest import (
     REPO,
     free_port,
+    quick_xla_flags,
     read_trials,
     require_jax,
     run_cli,
@@ -148,7 +149,7 @@ def test_the_default_config_study_on_jax_shows_a_left_out_key_as_empty(
         "study.run", "--config", REPO / "configs" / "default.yaml", "--data-dir", cifar10_tarball,
         *(arg for item in shrink for arg in ("--set", item)), "--num-samples", "1",
         "--storage-path", tmp_path, "--name", "default", "--no-dashboard",
-        env={**ray_env, "KERAS_BACKEND": "jax"},
+        env={**ray_env, "KERAS_BACKEND": "jax", "XLA_FLAGS": quick_xla_flags()},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
