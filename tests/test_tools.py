@@ -4,11 +4,12 @@ Ray's results API; and what the console shows while it runs: a progress line, ea
 trial's output in its folder, a failed trial named with its traceback's file, no
 start-up noise.
 
-One small study serves every study test here and test_study.py's search test
+One small study serves the other study tests here and test_study.py's search test
 (`shared_study`, tests/conftest.py): 6 tiny trials of 3 losses, ASHA, label smoothing
 searched for cross-entropy only (so other trials leave it out), `--logger mlflow --logger
 wandb` with W&B offline, and one trial's worker killed mid-run with no retries left, so
-that each tool also shows a failed trial.
+that each tool also shows a failed trial. The confirmation's test reads test_confirm.py's
+killed-and-resumed confirmation (`confirmed_study`), which logs to the same tools.
 """
 
 import contextlib
