@@ -492,13 +492,14 @@ def confirmed_study(tmp_path_factory, cifar100_tarball) -> Confirmed:
             driver = start_cli("study.run", *confirm, env=env, output=log)
             try:
                 wait_for(lambda: _finished_runs(folder) >= 1, timeout=600)
-                before = pd.read_csv(folder / "confirm.csv", dtype={"trial_id": str})
-                epochs = pd.read_csv(folder / "confirm" / "epochs.csv", dtype={"trial_id": str})
                 driver.send_signal(signal.SIGKILL)
                 driver.wait(timeout=60)
             finally:
                 if driver.poll() is None:
                     os.killpg(driver.pid, signal.SIGKILL)
+        # What the killed driver wrote (each table is replaced whole, so never half).
+        before = pd.read_csv(folder / "confirm.csv", dtype={"trial_id": str})
+        epochs = pd.read_csv(folder / "confirm" / "epochs.csv", dtype={"trial_id": str})
         again = run_cli("study.run", *confirm, env=env)
         resumed = run_cli("study.run", *confirm, "--resume", env=env)
     killed = (root / "killed.log").read_text()
