@@ -189,7 +189,7 @@ def test_confirm_refuses_bad_input(tmp_path, args, expected):
 def test_seed_grid_then_confirmation_killed_and_resumed(confirmed_study):
     """configs/seed.yaml as a grid study over 2 of its losses (narrow, 2 epochs), then
     2 losses x 2 seeds of confirmation, its driver killed after the first run, resumed
-    (the `confirmed_study` fixture, tests/conftest.py)."""
+    (the `confirmed_study` fixture, tests/studies.py)."""
     done = confirmed_study
     assert done.study.returncode == 0, done.study.stderr[-3000:]
     folder = done.folder

@@ -57,7 +57,7 @@ def _max_overlap(trials: pd.DataFrame) -> int:
 
 
 def test_study_searches_stops_early_and_writes_its_tables(shared_study):
-    """The shared study (tests/conftest.py): 6 tiny trials of 3 losses under ASHA, one
+    """The shared study (tests/studies.py): 6 tiny trials of 3 losses under ASHA, one
     trial's worker killed with no retries left."""
     result, folder, victim = shared_study, shared_study.folder, shared_study.victim
     assert result.returncode == 0, result.stderr[-3000:]

@@ -5,7 +5,7 @@ trial's output in its folder, a failed trial named with its traceback's file, no
 start-up noise.
 
 One small study serves the other study tests here and test_study.py's search test
-(`shared_study`, tests/conftest.py): 6 tiny trials of 3 losses, ASHA, label smoothing
+(`shared_study`, tests/studies.py): 6 tiny trials of 3 losses, ASHA, label smoothing
 searched for cross-entropy only (so other trials leave it out), `--logger mlflow --logger
 wandb` with W&B offline, and one trial's worker killed mid-run with no retries left, so
 that each tool also shows a failed trial. The confirmation's test reads test_confirm.py's
@@ -32,15 +32,14 @@ from study.config import flatten
 
 from .conftest import (
     REPO,
-    STUDY_NAME,
     TINY_STUDY,
-    Study,
     free_port,
     read_trials,
     run_cli,
     study_args,
     wait_for,
 )
+from .studies import STUDY_NAME, Study
 
 for package in ("tensorboard", "mlflow", "wandb", "optuna_dashboard"):
     pytest.importorskip(package, reason="the tools: pip install -e '.[viz,mlflow,wandb]'")
@@ -376,11 +375,11 @@ def test_a_local_run_writes_tensorboard_mlflow_and_wandb_quietly(tmp_path, cifar
 
 @pytest.mark.study
 def test_the_confirmation_reaches_the_same_tools(confirmed_study):
-    """The confirmation (`confirmed_study`, tests/conftest.py: killed once a run had
+    """The confirmation (`confirmed_study`, tests/studies.py: killed once a run had
     finished, then resumed) logs each run to the same tools: MLflow once, however often it
     resumed; W&B in one offline segment per driver that ran it (the same run id, which
-    `wandb sync` joins); TensorBoard its test accuracy. Its console: progress lines, no
-    start-up noise."""
+    `wandb sync` joins); TensorBoard its epochs and test accuracy. Its console: progress
+    lines, no start-up noise."""
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing import event_accumulator
 
@@ -407,7 +406,7 @@ def test_the_confirmation_reaches_the_same_tools(confirmed_study):
     epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
     client = MlflowClient(f"sqlite:///{done.folder}/mlflow.db")
     experiment = client.get_experiment_by_name("seed-confirm").experiment_id
-    logged = [run for run in client.search_runs([experiment])]
+    logged = client.search_runs([experiment])
     assert sorted(run.data.tags["ray_trial_id"] for run in logged) == sorted(runs.index)
     logged = {run.data.tags["ray_trial_id"]: run for run in logged}  # One run each.
     segments: dict[str, list[Path]] = {}
