@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,17 +60,27 @@ def _config(path: Path) -> Path:
 
 def _kill_a_trial_mid_run(folder: Path) -> str:
     """SIGSTOPs a trial's worker that has reported epoch 3 of 4 (ASHA's rungs are at 1, 2
-    and 4, so no decision on it is in flight), then SIGKILLs it; returns its id."""
-    victims = []
+    and 4, so no decision on it is in flight), then SIGKILLs it; returns its id. A worker
+    that had sent its epoch 4 before it stopped (trials.csv lags by that result) is let go
+    on (SIGCONT), and another is found: that trial would die after its last epoch, which
+    Tune tells the searcher with no result."""
+    victims, passed = [], set()
 
     def freeze():
         trials = read_trials(folder)
-        ready = trials[(trials.status == "running") & (trials.epochs_run == 3)]
+        ready = trials[
+            (trials.status == "running") & (trials.epochs_run == 3) & ~trials.trial_id.isin(passed)
+        ]
         for trial in ready.itertuples():
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(trial.pid), signal.SIGSTOP)
-                victims.append(trial)
-                return True
+                time.sleep(2)  # For a result already sent to reach trials.csv.
+                now = read_trials(folder).set_index("trial_id").epochs_run[trial.trial_id]
+                if now == 3:
+                    victims.append(trial)
+                    return True
+                passed.add(trial.trial_id)
+                os.kill(int(trial.pid), signal.SIGCONT)
         return False
 
     wait_for(freeze, timeout=600, interval=0.05)
