@@ -2,6 +2,8 @@
 TensorFlow, and what workers and devices are told."""
 
 import math
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 from study import backend, synthetic
 from study.config import ConfigError
 
-from .conftest import BACKENDS, on_backends, run_cli
+from .conftest import BACKENDS, REPO, on_backends, require_jax, run_cli
 
 # Each loss once; batch norm x augmentation, the two parts of the model that change what
 # compiles, spread over them so that each combination is there.
@@ -174,6 +176,30 @@ def test_workers_get_the_drivers_backend_and_jax_memory_settings(monkeypatch, tm
     monkeypatch.setenv("KERAS_BACKEND", "torch")
     with pytest.raises(ConfigError, match="KERAS_BACKEND: 'torch' is not supported; allowed"):
         backend.configured_name()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_worker_imports_keras_without_the_packages_no_trial_uses(name):
+    """A Ray worker (KERAS_BACKEND set) imports the trial without scikit-learn, which
+    Keras imports for its wrappers, nor, on TensorFlow, JAX, which TensorFlow's TFLite
+    converter imports; both still import afterwards, and Keras still trains."""
+    require_jax()
+    code = (
+        "import sys, numpy as np\n"
+        "import study.trainable, keras\n"
+        "print(sorted({'sklearn', 'jax'} & set(sys.modules)))\n"
+        "model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
+        "model.compile('sgd', 'mse')\n"
+        "model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0)\n"
+        "import sklearn.base, jax\n"
+        "print(keras.backend.backend(), keras.__spec__.loader is keras.__loader__)\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": name}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept = "['jax']" if name == "jax" else "[]"  # JAX's backend imports JAX, of course.
+    assert done.stdout.splitlines() == [kept, f"{name} True"]
 
 
 def test_mixed_precision_is_bfloat16_from_ampere_on():
