@@ -6,10 +6,13 @@ results files are written while it is killed; the dashboard is asked without a t
 (The driver's Ctrl-C and SIGKILL with `--resume` are in test_study.py.)
 """
 
+import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -82,9 +85,31 @@ def _running(folder: Path, exclude=(), min_epochs=2) -> pd.Series | None:
     return ready.iloc[0] if len(ready) else None
 
 
+def _checkpointed_epoch(folder: Path, trial_id: str) -> int | None:
+    """The epoch of the trial's checkpoint that Tune has registered (what it restores a
+    failed trial from), in Tune's saved experiment state; None while there is none."""
+    found = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        state = json.loads(found[-1].read_text()) if found else {"trial_data": []}
+    except (json.JSONDecodeError, OSError):
+        return None  # Being replaced: read it again.
+    for trial, metadata in state["trial_data"]:
+        if json.loads(trial)["trial_id"] == trial_id:
+            manager = json.loads(metadata)["checkpoint_manager"]
+            latest = pickle.loads(bytes.fromhex(manager["value"])).latest_checkpoint_result
+            return latest.metrics.get("epoch") if latest else None
+    return None
+
+
 def _freeze(folder: Path, exclude=()) -> pd.Series:
     """Finds a trial mid-run and stops (SIGSTOP) its worker process, so that the fault
-    lands mid-epoch, whatever the machine's speed. Returns the trial's row."""
+    lands mid-epoch, whatever the machine's speed; returns the trial's row.
+
+    Tune takes a reported epoch's checkpoint in a second call to the worker: a worker
+    stopped between the two has its epoch in trials.csv but Tune restores it from the
+    checkpoint before. So the worker stays stopped only once Tune's saved state has the
+    checkpoint of the epoch that trials.csv shows; otherwise it goes on (SIGCONT), and
+    another try follows."""
     found = []
 
     def freeze():
@@ -95,8 +120,16 @@ def _freeze(folder: Path, exclude=()) -> pd.Series:
             os.kill(int(trial.pid), signal.SIGSTOP)
         except ProcessLookupError:
             return False
-        found.append(trial)
-        return True
+        deadline = time.monotonic() + 30  # Tune saves its state every 10 s or more.
+        while time.monotonic() < deadline:
+            trials = read_trials(folder)
+            row = trials[trials.trial_id == trial.trial_id].iloc[0]
+            if _checkpointed_epoch(folder, row.trial_id) == row.epochs_run:
+                found.append(row)
+                return True
+            time.sleep(0.5)
+        os.kill(int(trial.pid), signal.SIGCONT)
+        return False
 
     wait_for(freeze, timeout=300, interval=0.1)
     return found[0]
