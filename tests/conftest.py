@@ -55,6 +55,9 @@ SHARED_FIXTURES = {
 }
 
 
+LONG_MARKS = ("study", "slow")
+
+
 # First: xdist's own hook turns each test's xdist_group into its node id's "@group" suffix,
 # which is what its scheduler reads; a group marked after that is ignored.
 @pytest.hookimpl(tryfirst=True)
@@ -65,9 +68,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.study)
         if shared := sorted(SHARED_FIXTURES.keys() & fixtures):
             item.add_marker(pytest.mark.xdist_group(SHARED_FIXTURES[shared[0]]))
-    # The long ones first, so that two workers end together rather than one waiting on
-    # the other's last study.
-    items.sort(key=lambda item: item.get_closest_marker("study") is None)
+    # The long ones first (the studies, then the training on real images), so that two
+    # workers end together rather than one waiting on the other's last long test.
+    items.sort(key=lambda item: [item.get_closest_marker(mark) is None for mark in LONG_MARKS])
 
 
 def pytest_runtest_logreport(report):
