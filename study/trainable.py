@@ -95,7 +95,7 @@ def read_state(directory: Path) -> dict:
 
 def restore_checkpoint(model: keras.Model, directory: Path) -> int:
     """Loads weights and optimizer state into a compiled model; returns the epochs done."""
-    if not model.optimizer.built:  # compile_model builds it; a model compiled elsewhere
+    if not model.optimizer.built:  # compile_model built it; a model compiled elsewhere may not
         model.optimizer.build(model.trainable_variables)
     model.load_weights(directory / MODEL_FILE)
     return read_state(directory)["epoch"]
