@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -359,6 +360,31 @@ def wait_for(predicate, timeout=300, interval=1.0):
             return
         time.sleep(interval)
     raise TimeoutError("the study did not get there in time")
+
+
+def saved_state(folder: Path) -> dict:
+    """Tune's saved experiment state, per trial: (status, last epoch, that epoch's
+    checkpoint folder, the epoch of the checkpoint Tune has registered: the one it restores
+    the trial from). Empty while there is none or it is being replaced: read it again."""
+    found = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        state = json.loads(found[-1].read_text()) if found else {"trial_data": []}
+    except (json.JSONDecodeError, OSError):
+        return {}
+    trials = {}
+    for trial, metadata in state["trial_data"]:
+        trial, metadata = json.loads(trial), json.loads(metadata)
+        result = metadata["last_result"]
+        # Tune keeps its checkpoint manager pickled (with Ray's encoder) in the state.
+        manager = pickle.loads(bytes.fromhex(metadata["checkpoint_manager"]["value"]))
+        registered = manager.latest_checkpoint_result
+        trials[trial["trial_id"]] = (
+            trial["status"],
+            result.get("epoch"),
+            result.get("checkpoint_dir_name"),
+            registered.metrics.get("epoch") if registered else None,
+        )
+    return trials
 
 
 def read_trials(folder: Path, name="trials.csv") -> pd.DataFrame:

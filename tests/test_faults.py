@@ -6,9 +6,7 @@ results files are written while it is killed; the dashboard is asked without a t
 (The driver's Ctrl-C and SIGKILL with `--resume` are in test_study.py.)
 """
 
-import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from .conftest import (
     TINY_STUDY,
     kill_marked,
     read_trials,
+    saved_state,
     study_args,
     wait_for,
 )
@@ -85,22 +84,6 @@ def _running(folder: Path, exclude=(), min_epochs=2) -> pd.Series | None:
     return ready.iloc[0] if len(ready) else None
 
 
-def _checkpointed_epoch(folder: Path, trial_id: str) -> int | None:
-    """The epoch of the trial's checkpoint that Tune has registered (what it restores a
-    failed trial from), in Tune's saved experiment state; None while there is none."""
-    found = sorted(folder.glob("experiment_state-*.json"))
-    try:
-        state = json.loads(found[-1].read_text()) if found else {"trial_data": []}
-    except (json.JSONDecodeError, OSError):
-        return None  # Being replaced: read it again.
-    for trial, metadata in state["trial_data"]:
-        if json.loads(trial)["trial_id"] == trial_id:
-            manager = json.loads(metadata)["checkpoint_manager"]
-            latest = pickle.loads(bytes.fromhex(manager["value"])).latest_checkpoint_result
-            return latest.metrics.get("epoch") if latest else None
-    return None
-
-
 def _freeze(folder: Path, exclude=()) -> pd.Series:
     """Finds a trial mid-run and stops (SIGSTOP) its worker process, so that the fault
     lands mid-epoch, whatever the machine's speed; returns the trial's row.
@@ -124,7 +107,7 @@ def _freeze(folder: Path, exclude=()) -> pd.Series:
         while time.monotonic() < deadline:
             trials = read_trials(folder)
             row = trials[trials.trial_id == trial.trial_id].iloc[0]
-            if _checkpointed_epoch(folder, row.trial_id) == row.epochs_run:
+            if saved_state(folder).get(row.trial_id, (None,) * 4)[3] == row.epochs_run:
                 found.append(row)
                 return True
             time.sleep(0.5)

@@ -27,6 +27,7 @@ from .conftest import (
     read_trials,
     require_jax,
     run_cli,
+    saved_state,
     start_cli,
     study_args,
     wait_for,
@@ -204,26 +205,6 @@ def test_logical_gpus_set_concurrency_and_devices(
     assert not (tmp_path / "toomany").exists()
 
 
-def _saved_state(folder) -> dict:
-    """Tune's saved experiment state, per trial: (status, last epoch, its checkpoint)."""
-    found = sorted(folder.glob("experiment_state-*.json"))
-    if not found:
-        return {}
-    try:
-        state = json.loads(found[-1].read_text())
-    except (json.JSONDecodeError, OSError):
-        return {}  # Being replaced: read it again.
-    trials = {}
-    for trial, metadata in state["trial_data"]:
-        trial, result = json.loads(trial), json.loads(metadata)["last_result"]
-        trials[trial["trial_id"]] = (
-            trial["status"],
-            result.get("epoch"),
-            result.get("checkpoint_dir_name"),
-        )
-    return trials
-
-
 class _Freeze:
     """Called until true: once a trial has finished and another is midway, stops (SIGSTOP)
     every running trial's worker, then says whether Tune's saved state has caught up with
@@ -247,7 +228,7 @@ class _Freeze:
                 os.kill(pid, signal.SIGSTOP)
             self.stopped.add(pid)
             self.since = None
-        state = _saved_state(self.folder)
+        state = saved_state(self.folder)
         if not all(
             trial.trial_id in state and state[trial.trial_id][1] == trial.epochs_run
             for trial in running.itertuples()
@@ -309,7 +290,7 @@ def test_interrupted_then_killed_study_resumes_exactly(
     epochs_before = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
     # Lose the checkpoint that Tune's state names for one running trial, its newest (it has
     # an older one).
-    state = _saved_state(folder)
+    state = saved_state(folder)
     running = before[(before.status == "running") & (before.epochs_run >= 2)].itertuples()
     running = [
         trial
