@@ -1,13 +1,14 @@
 """The study: a Ray Tune search over the losses and hyper-parameters of a Keras CNN.
 
 One thing happens in every process that imports the study, before its first
-`import keras`: Keras's import is made to skip two optional packages that no trial uses.
-Keras imports scikit-learn for `keras.wrappers` (about 0.9 s of CPU), and TensorFlow's
-TFLite converter imports JAX (about 0.5 s) where JAX is installed. Every trial is a new
-Ray worker process, so every trial paid for both. While Keras's own import runs they are
-absent (JAX only where the worker's backend is TensorFlow); afterwards both import as
-usual. The one loss: in such a process, `keras.wrappers`' scikit-learn classes say that
-scikit-learn is not installed.
+`import keras`: Keras's import is made to skip three optional packages that no trial uses.
+Keras imports scikit-learn for `keras.wrappers` (about 0.9 s of CPU) and matplotlib for
+`keras.visualization` (about 0.5 s), and TensorFlow's TFLite converter imports JAX (about
+0.5 s) where JAX is installed. Every trial is a new Ray worker process, so every trial
+paid for them. While Keras's own import runs they are absent (JAX only where the worker's
+backend is TensorFlow); afterwards they import as usual. The one loss: in such a process,
+`keras.wrappers`' scikit-learn classes and `keras.visualization`'s plots say that their
+package is not installed.
 """
 
 import importlib.abc
@@ -17,7 +18,7 @@ import sys
 
 
 def _unused_by_trials() -> list[str]:
-    unused = ["sklearn"]
+    unused = ["sklearn", "matplotlib"]
     if os.environ.get("KERAS_BACKEND") == "tensorflow":  # Set for every Ray worker.
         unused.append("jax")
     return [name for name in unused if name not in sys.modules]

@@ -181,17 +181,18 @@ def test_workers_get_the_drivers_backend_and_jax_memory_settings(monkeypatch, tm
 @pytest.mark.parametrize("name", BACKENDS)
 def test_a_worker_imports_keras_without_the_packages_no_trial_uses(name):
     """A Ray worker (KERAS_BACKEND set) imports the trial without scikit-learn, which
-    Keras imports for its wrappers, nor, on TensorFlow, JAX, which TensorFlow's TFLite
-    converter imports; both still import afterwards, and Keras still trains."""
+    Keras imports for its wrappers, matplotlib, for its image gallery, nor, on TensorFlow,
+    JAX, which TensorFlow's TFLite converter imports; all still import afterwards, and
+    Keras still trains."""
     require_jax()
     code = (
         "import sys, numpy as np\n"
         "import study.trainable, keras\n"
-        "print(sorted({'sklearn', 'jax'} & set(sys.modules)))\n"
+        "print(sorted({'sklearn', 'matplotlib', 'jax'} & set(sys.modules)))\n"
         "model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
         "model.compile('sgd', 'mse')\n"
         "model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0)\n"
-        "import sklearn.base, jax\n"
+        "import sklearn.base, matplotlib.pyplot, jax\n"
         "print(keras.backend.backend(), keras.__spec__.loader is keras.__loader__)\n"
     )
     env = {**os.environ, "KERAS_BACKEND": name}
