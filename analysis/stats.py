@@ -11,7 +11,6 @@ variances.
 import math
 
 import numpy as np
-from scipy import stats
 
 LEVEL = 0.95
 
@@ -27,6 +26,8 @@ def mean_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
         return mean, math.nan, math.nan
     if np.all(values == values[0]):
         return mean, math.nan, math.nan
+    from scipy import stats  # Here, not at the top: each study's driver imports this module.
+
     sem = values.std(ddof=1) / math.sqrt(len(values))
     low, high = stats.t.interval(level, len(values) - 1, loc=mean, scale=sem)
     return mean, float(low), float(high)
@@ -39,6 +40,8 @@ def welch_difference(a, b, level: float = LEVEL) -> tuple[float, float, float, f
     difference = float(a.mean() - b.mean())
     if min(len(a), len(b)) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
         return difference, math.nan, math.nan, math.nan
+    from scipy import stats
+
     test = stats.ttest_ind(a, b, equal_var=False)
     low, high = test.confidence_interval(level)
     return difference, float(low), float(high), float(test.pvalue)

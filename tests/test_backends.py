@@ -1,6 +1,7 @@
 """The trial on each Keras backend: the GPU's settings compile for real, JAX trains like
 TensorFlow, and what workers and devices are told."""
 
+import json
 import math
 import os
 import subprocess
@@ -201,6 +202,26 @@ def test_a_worker_imports_keras_without_the_packages_no_trial_uses(name):
     assert done.returncode == 0, done.stderr[-2000:]
     kept = "['jax']" if name == "jax" else "[]"  # JAX's backend imports JAX, of course.
     assert done.stdout.splitlines() == [kept, f"{name} True"]
+
+
+def test_a_study_driver_leaves_scipy_until_the_confirmation_needs_it():
+    """A study's driver imports the analysis code (its closing comparison) but computes no
+    interval; SciPy (about 0.9 s of CPU at each study's start) loads only when one is."""
+    code = (
+        "import json, sys\n"
+        "import study.run, study.tuning, study.callbacks, study.confirm, analysis.results\n"
+        "before = 'scipy' in sys.modules\n"
+        "from analysis import stats\n"
+        "interval = stats.mean_interval([1.0, 2.0, 3.0])\n"
+        "print(json.dumps([before, interval, 'scipy' in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, interval, after = json.loads(done.stdout)
+    assert (before, after) == (False, True)
+    half = 4.302653 / math.sqrt(3)  # t(0.975, 2 df) times the standard error of 1, 2, 3.
+    assert interval == pytest.approx([2.0, 2.0 - half, 2.0 + half], abs=1e-5)
 
 
 def test_mixed_precision_is_bfloat16_from_ampere_on():
