@@ -9,6 +9,8 @@ runs the callbacks that the driver running now gives it: a resumed study takes t
 """
 
 import contextlib
+import importlib
+import importlib.util
 import signal
 import sys
 import time
@@ -114,10 +116,36 @@ class TensorBoardLogger(TBXLoggerCallback):
             run.close()
 
 
-def _mlflow_callback():
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
+# Ray's telemetry counts a run's callbacks by importing the module of every tracker
+# integration it knows (ray.air._internal.usage.tag_callbacks, at each Tuner.fit). Those
+# import MLflow and W&B wherever they are installed: about 1.5 s of CPU at every study's
+# start, whether or not the study logs to them. `tracker_loggers` imports the modules of
+# the trackers a run does not log to first, with the tracker marked absent (None in
+# sys.modules), so that Ray finds them loaded; a later run in the same process that logs
+# to that tracker loads its module again, whole.
+_INTEGRATIONS = {"mlflow": "ray.air.integrations.mlflow", "wandb": "ray.air.integrations.wandb"}
 
-    class MLflowLogger(MLflowLoggerCallback):
+
+def _integration(name: str, without_tracker: bool = False):
+    """Ray's integration module for tracker `name`; loaded without the tracker itself if
+    `without_tracker` and it is not loaded yet."""
+    module = sys.modules.get(_INTEGRATIONS[name])
+    if module is None:
+        absent = without_tracker and name not in sys.modules
+        if absent:
+            sys.modules[name] = None
+        try:
+            module = importlib.import_module(_INTEGRATIONS[name])
+        finally:
+            if absent:
+                del sys.modules[name]
+    elif not without_tracker and getattr(module, name) is None and importlib.util.find_spec(name):
+        module = importlib.reload(module)  # Loaded without the tracker before.
+    return module
+
+
+def _mlflow_callback():
+    class MLflowLogger(_integration("mlflow").MLflowLoggerCallback):
         """Ray's MLflow callback with one MLflow run per trial however often the study
         resumes (found again by its `ray_trial_id` tag), holding the trial's values as
         params, its per-epoch metrics (the epoch as the step) and how it ended."""
@@ -170,9 +198,9 @@ def _mlflow_callback():
 
 
 def _wandb_callback():
-    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+    ray_wandb = _integration("wandb")
 
-    class WandbActor(_WandbLoggingActor):
+    class WandbActor(ray_wandb._WandbLoggingActor):
         """Ray's W&B logging actor, which waits for W&B's service to write the run out:
         wandb.finish() returns before it has, and Ray kills the actor as soon as its run
         ends, which lost a trial's whole run file here (1 run in 6, offline)."""
@@ -183,7 +211,7 @@ def _wandb_callback():
             finally:
                 self._wandb.teardown()
 
-    class WandbLogger(WandbLoggerCallback):
+    class WandbLogger(ray_wandb.WandbLoggerCallback):
         """Ray's W&B callback (one W&B run per trial, its id the trial's, logged from a
         Ray actor on the driver's node) with the trial's values as the run's config and
         only its epochs as history: each epoch's metrics, the epoch among them."""
@@ -203,8 +231,6 @@ def _wandb_callback():
             super().log_trial_start(trial)
 
         def log_trial_result(self, iteration, trial, result):
-            from ray.air.integrations.wandb import _QueueItem
-
             if (row := epoch_row(result)) is None:
                 return
             if trial not in self._trial_logging_actors:
@@ -220,7 +246,7 @@ def _wandb_callback():
             self._await(trial)
             queue = self._trial_queues[trial]
             self.pending[trial] = queue.actor.put.remote(
-                (_QueueItem.RESULT, {**row, **placement}), None
+                (ray_wandb._QueueItem.RESULT, {**row, **placement}), None
             )
 
         def _await(self, trial):
@@ -247,6 +273,8 @@ def _wandb_callback():
 
 def tracker_loggers(settings: trackers.Trackers, params=tune_params) -> list:
     """Ray's own callbacks for the trackers the run logs to (--logger)."""
+    for name in _INTEGRATIONS.keys() - set(settings.names):
+        _integration(name, without_tracker=True)
     kinds = {"mlflow": _mlflow_callback, "wandb": _wandb_callback}
     return [kinds[name]()(settings, params) for name in settings.names]
 

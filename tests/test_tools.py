@@ -461,6 +461,33 @@ def _in_order_within(part: list, whole: list) -> bool:
     )
 
 
+def test_a_run_loads_only_the_trackers_it_logs_to(tmp_path):
+    """Ray's telemetry imports every tracker integration it knows at each Tuner.fit (about
+    1.5 s of CPU where MLflow and W&B are installed). A run that logs to neither loads
+    neither; a later run in the same process that logs to both gets both, whole."""
+    code = (
+        "import json, sys\n"
+        "from ray.air._internal.usage import _count_callbacks\n"
+        "from study.callbacks import tracker_loggers\n"
+        "from study.trackers import Trackers\n"
+        "tracker_loggers(Trackers())\n"
+        "_count_callbacks([])  # What Tuner.fit runs for Ray's telemetry.\n"
+        "before = sorted({'mlflow', 'wandb'} & set(sys.modules))\n"
+        f"both = Trackers(('mlflow', 'wandb'), mlflow_uri='sqlite:///{tmp_path}/m.db',\n"
+        f"                wandb_mode='offline', wandb_dir='{tmp_path}')\n"
+        "loggers = [type(logger).__mro__[1].__name__ for logger in tracker_loggers(both)]\n"
+        "import ray.air.integrations.mlflow as m, ray.air.integrations.wandb as w\n"
+        "print(json.dumps([before, loggers, m.mlflow is not None, w.wandb is not None]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, loggers, mlflow_loaded, wandb_loaded = json.loads(done.stdout.splitlines()[-1])
+    assert before == []
+    assert loggers == ["MLflowLoggerCallback", "WandbLoggerCallback"]
+    assert mlflow_loaded and wandb_loaded
+
+
 def test_tensorboard_keeps_each_epoch_when_the_process_is_killed(tmp_path):
     """A driver killed (SIGKILL) after an epoch has that epoch in its events file: each is
     on disk once written, not held for a periodic flush."""
