@@ -62,6 +62,7 @@ class Plan:
     run_seconds: float  # one timed run of the model section
     runs: int
     packing: tuple[int, ...]
+    steps_per_execution: int = 16  # a GPU trial's; the quick run's fewer warm up sooner
 
 
 # Validation 5,456 leaves 44,544 = 87 x 512 training images, and 5,456 = 4 x 1,364: whole
@@ -83,15 +84,12 @@ QUICK = Plan(
         "model.width=0.0625", "training.batch_size=50", "training.eval_batch_size=100",
         "data.validation_size=100", "data.test_subset=100",
     ),
-    batch_size=50, epochs=2, run_seconds=0.2, runs=2, packing=(2,),
+    batch_size=50, epochs=2, run_seconds=0.2, runs=2, packing=(2,), steps_per_execution=2,
 )  # fmt: skip
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0"
-# Mixed precision, compilation and 16 steps per execution, as a trial on a GPU has them;
-# forced, so that the quick run on a CPU takes the same path.
-GPU_SETTINGS = (
-    "training.mixed_precision=true", "training.jit_compile=true",
-    "training.steps_per_execution=16",
-)  # fmt: skip
+# Mixed precision, compilation and several steps per execution (the plan's), as a trial on
+# a GPU has them; forced, so that the quick run on a CPU takes the same path.
+GPU_SETTINGS = ("training.mixed_precision=true", "training.jit_compile=true")
 
 
 # --- Workers: one measurement each, in a process of its own ------------------------------
@@ -122,7 +120,10 @@ def work_model(spec: dict) -> dict:
     sizes = replace(bench.SIZES["gpu"], **spec["sizes"])
     rows = []
     for augment in (False, True):
-        variant = bench.Variant(True, True, config.training.batch_size, 16, augment)
+        training = config.training
+        variant = bench.Variant(
+            True, True, training.batch_size, training.steps_per_execution, augment
+        )
         prepared = bench.prepare_model(
             config, data, variant, sizes, devices["policy"], steps_per_epoch
         )
@@ -292,6 +293,7 @@ def run_gpu_bench(plan: Plan, out: Path, budget: Budget, echo=print) -> dict:
             folder / "data" / "cifar-100-python.tar.gz", plan.dataset, *plan.per_class
         )
         overrides = [f"data.dataset={plan.dataset}", *plan.overrides, *GPU_SETTINGS]
+        overrides.append(f"training.steps_per_execution={plan.steps_per_execution}")
         overrides.append(f"training.epochs={plan.epochs}")
         load_config(None, overrides)  # A bad plan fails here, not in every worker.
         base = {"data": str(source), "overrides": overrides}
@@ -348,7 +350,8 @@ def format_table(results: dict) -> str:
         names = ", ".join(device["names"]) or "no GPU"
         lines.append(f"{names}; Keras {device['keras']}, JAX {device['jax']}")
     model = sections.get("model", {})
-    lines.append(f"1. model alone ({model.get('policy', '-')}, 16 steps per execution):")
+    steps = results.get("plan", {}).get("steps_per_execution", 16)
+    lines.append(f"1. model alone ({model.get('policy', '-')}, {steps} steps per execution):")
     for row in model.get("rows", []):
         augment = "with augmentation" if row["augment"] else "no augmentation  "
         rate = row["images_per_second"]

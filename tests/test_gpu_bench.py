@@ -19,13 +19,18 @@ def test_quick_run_measures_every_section_without_tensorflow_or_ray(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, (tmp_path / "gpu-bench.log").read_text()[-3000:]
-    sections = json.loads((tmp_path / "gpu-bench.json").read_text())["sections"]
+    results = json.loads((tmp_path / "gpu-bench.json").read_text())
+    sections = results["sections"]
     for name in ("model", "trial"):
         assert sections[name]["keras_backend"] == "jax", name
         assert sections[name]["forbidden_modules"] == [], name  # No tensorflow, no ray.
     model = sections["model"]["rows"]
     assert [row["augment"] for row in model] == [False, True]
     assert all(row["images_per_second"] > 0 and row["batch_size"] == 50 for row in model)
+    # The quick plan's steps per execution (a GPU trial's 16 would warm up for 64 steps).
+    assert results["plan"]["steps_per_execution"] == 2
+    assert [row["steps_per_execution"] for row in model] == [2, 2]
+    assert "1. model alone (mixed_bfloat16, 2 steps per execution):" in result.stdout
     trial = sections["trial"]
     assert trial["status"] == "completed" and len(trial["images_per_second_by_epoch"]) == 2
     packing = sections["packing"]
