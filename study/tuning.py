@@ -172,6 +172,10 @@ def connect(options: StudyOptions):
         # The study's choice for its own Ray, said explicitly: Ray would choose the same
         # and warn on every start that it did.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray starts a worker per core for the first driver, ahead of any task. Trials
+        # start workers of their own (none of those ran a trial here), so each sat idle
+        # for the whole study.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     import logging
 
     import ray

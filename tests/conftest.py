@@ -304,17 +304,27 @@ def two_nodes(ray_cluster, ray_env) -> str:
     return address
 
 
-def kill_marked(variable: str, value: str) -> int:
-    """SIGKILLs every process whose environment has VARIABLE=VALUE; returns how many."""
+def marked(variable: str, value: str) -> dict[int, str]:
+    """Every process whose environment has VARIABLE=VALUE: its command line, by pid."""
     marker = f"{variable}={value}\0".encode()
-    killed = 0
+    found = {}
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and marker in (proc / "environ").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+                found[int(proc.name)] = command.decode(errors="replace").strip()
         except OSError:
             continue
+    return found
+
+
+def kill_marked(variable: str, value: str) -> int:
+    """SIGKILLs every process whose environment has VARIABLE=VALUE; returns how many."""
+    killed = 0
+    for pid in marked(variable, value):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
     return killed
 
 

@@ -24,6 +24,7 @@ from .conftest import (
     REPO,
     TINY_STUDY,
     kill_marked,
+    marked,
     read_trials,
     saved_state,
     study_args,
@@ -256,7 +257,8 @@ def test_results_files_survive_a_kill_mid_write(tmp_path):
 def test_exposed_dashboard_warns_and_refuses_requests_without_the_token(ray_env):
     """The study's own `connect`, with the dashboard on every interface: a warning, and the
     job API (which runs code on the cluster) answers only with the token. The default,
-    127.0.0.1, is checked by the study tests."""
+    127.0.0.1, is checked by the study tests. Its Ray starts no worker ahead of the trials:
+    Ray would start one per core, which no trial used, each idle for the whole study."""
     code = (
         "import sys, time\n"
         "from study.tuning import StudyOptions, connect\n"
@@ -292,5 +294,9 @@ def test_exposed_dashboard_warns_and_refuses_requests_without_the_token(ray_env)
         wait_for(lambda: get("/api/jobs/") in (401, 403), timeout=60)
         assert get("/api/jobs/", {"Authorization": "Bearer not-the-token"}) == 403
         assert get("/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
+        time.sleep(2)  # Ray's prestarted workers are up within a second or two of a driver.
+        commands = marked("RAY_TMPDIR", ray_env["RAY_TMPDIR"]).values()
+        assert any("raylet" in command for command in commands), commands
+        assert not [command for command in commands if command.startswith("ray::IDLE")]
     finally:
         os.killpg(process.pid, signal.SIGKILL)
