@@ -210,10 +210,13 @@ class _Freeze:
     every running trial's worker, then says whether Tune's saved state has caught up with
     each (its last epoch there is the one trials.csv has) and has stayed so for two seconds
     since the last worker was stopped: a result that a worker sent just before it stopped
-    reaches the driver's tables first, Tune's state later."""
+    reaches the driver's tables first, Tune's state later. It also needs a `victim`: a
+    running trial past epoch 1 whose checkpoint in Tune's state is its newest on disk (a
+    worker stopped mid-report has written a newer one that Tune never registered); if
+    there is none, the workers go on (SIGCONT) and it tries again."""
 
     def __init__(self, folder):
-        self.folder, self.stopped, self.since = folder, set(), None
+        self.folder, self.stopped, self.since, self.victim = folder, set(), None, None
 
     def __call__(self) -> bool:
         trials = read_trials(self.folder)
@@ -236,7 +239,22 @@ class _Freeze:
             self.since = None
             return False
         self.since = self.since or time.monotonic()
-        return time.monotonic() - self.since >= 2
+        if time.monotonic() - self.since < 2:
+            return False
+        victims = [
+            trial
+            for trial in running.itertuples()
+            if trial.epochs_run >= 2
+            and state[trial.trial_id][2] == _newest_checkpoint(self.folder, trial.trial_id)
+        ]
+        if victims:
+            self.victim = victims[0]
+            return True
+        for pid in self.stopped:  # None to take: go on, and try again.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.stopped, self.since = set(), None
+        return False
 
 
 def _newest_checkpoint(folder, trial_id) -> str:
@@ -286,21 +304,11 @@ def test_interrupted_then_killed_study_resumes_exactly(
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    before = read_trials(folder)
     epochs_before = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
     # Lose the checkpoint that Tune's state names for one running trial, its newest (it has
     # an older one).
-    state = saved_state(folder)
-    running = before[(before.status == "running") & (before.epochs_run >= 2)].itertuples()
-    running = [
-        trial
-        for trial in running
-        if state[trial.trial_id][1] == trial.epochs_run
-        and state[trial.trial_id][2] == _newest_checkpoint(folder, trial.trial_id)
-    ]
-    assert running, (state, before[["trial_id", "status", "epochs_run"]])
-    victim = running[0]
-    named = state[victim.trial_id][2]
+    victim = freeze.victim
+    named = saved_state(folder)[victim.trial_id][2]
     shutil.rmtree(folder / f"trial_{victim.trial_id}" / named)
 
     result = run_cli("study.run", *resume, env=ray_env, timeout=600)
