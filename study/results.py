@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from study.config import ConfigError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -42,3 +44,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
+
+
+def check_folder(folder: Path) -> None:
+    """Refuses, in one line, a study or run folder that this file system cannot hold (a
+    name over its length limit, a parent it may not read), where Path.exists raises."""
+    try:
+        Path(folder).exists()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"--storage-path, --name: cannot use {folder}: {reason}") from None

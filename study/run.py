@@ -17,6 +17,7 @@ from pathlib import Path
 from study import backend
 from study.config import ConfigError
 from study.data import DataError
+from study.results import check_folder
 from study.search_config import load_study
 
 # Without --config: the study defaults, with the search space (works from any directory
@@ -146,6 +147,7 @@ def _run_dir(args) -> Path:
     if not name or "/" in name or name in (".", ".."):
         raise ConfigError(f"--name: {name!r} must be a plain folder name")
     run_dir = args.storage_path / name
+    check_folder(run_dir)
     if run_dir.exists():
         raise ConfigError(f"--name: {run_dir} already exists; choose another --name")
     return run_dir

@@ -86,6 +86,7 @@ def check_options(options: StudyOptions) -> None:
         raise ConfigError(f"--time-budget: {options.time_budget:g} s; it must be more than 0")
     if options.num_samples is not None and not options.resume:
         raise ConfigError("--num-samples: grows a study on --resume; a new study takes it")
+    results.check_folder(options.results_dir)
     check_address(options.address)
 
 

@@ -412,6 +412,15 @@ CASES = {
     "flag-logger-unknown": Case(("--logger", "neptune"), ("--logger", "invalid choice")),
     "flag-name-with-a-slash": Case(("--name", "a/b"), ("--name: 'a/b' must be a plain folder",)),
     "flag-name-of-an-earlier-run": Case(("--name", "earlier"), ("earlier already exists",)),
+    # A folder name longer than the file system's limit (255 bytes): found by the random
+    # command lines below, which got an OSError's traceback.
+    "flag-name-too-long": Case(("--name", "n" * 300), ("--name", "File name too long")),
+    "flag-storage-path-too-long": Case(
+        ("--storage-path", "s" * 300), ("--storage-path", "File name too long")
+    ),
+    "flag-resume-name-too-long": Case(
+        ("--resume", "--name", "n" * 300), ("--name", "File name too long"), STUDY
+    ),
     "flag-resume-without-name": Case(("--resume",), ("--resume: name the study",), STUDY),
     "flag-resume-of-no-study": Case(
         ("--resume", "--name", "nothing"), ("--resume: no study at", "nothing"), STUDY
