@@ -102,6 +102,15 @@ def run_cli(module: str, *args, env=None, timeout=900) -> subprocess.CompletedPr
     )
 
 
+def python_json(code: str, timeout=120):
+    """`python -c CODE` in a fresh process from the repository root (what a new process
+    imports is what such tests check); the JSON that its last line of output holds."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 BACKENDS = ("tensorflow", "jax")
 
 

@@ -1,7 +1,6 @@
 """The trial on each Keras backend: the GPU's settings compile for real, JAX trains like
 TensorFlow, and what workers and devices are told."""
 
-import json
 import math
 import os
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 from study import backend, synthetic
 from study.config import ConfigError
 
-from .conftest import BACKENDS, REPO, on_backends, require_jax, run_cli
+from .conftest import BACKENDS, REPO, on_backends, python_json, require_jax, run_cli
 
 # Each loss once; batch norm x augmentation, the two parts of the model that change what
 # compiles, spread over them so that each combination is there.
@@ -215,10 +214,7 @@ def test_a_study_driver_leaves_scipy_until_the_confirmation_needs_it():
         "interval = stats.mean_interval([1.0, 2.0, 3.0])\n"
         "print(json.dumps([before, interval, 'scipy' in sys.modules]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    before, interval, after = json.loads(done.stdout)
+    before, interval, after = python_json(code)
     assert (before, after) == (False, True)
     half = 4.302653 / math.sqrt(3)  # t(0.975, 2 df) times the standard error of 1, 2, 3.
     assert interval == pytest.approx([2.0, 2.0 - half, 2.0 + half], abs=1e-5)

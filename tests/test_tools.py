@@ -34,6 +34,7 @@ from .conftest import (
     REPO,
     TINY_STUDY,
     free_port,
+    python_json,
     read_trials,
     run_cli,
     study_args,
@@ -479,10 +480,7 @@ def test_a_run_loads_only_the_trackers_it_logs_to(tmp_path):
         "import ray.air.integrations.mlflow as m, ray.air.integrations.wandb as w\n"
         "print(json.dumps([before, loggers, m.mlflow is not None, w.wandb is not None]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    before, loggers, mlflow_loaded, wandb_loaded = json.loads(done.stdout.splitlines()[-1])
+    before, loggers, mlflow_loaded, wandb_loaded = python_json(code)
     assert before == []
     assert loggers == ["MLflowLoggerCallback", "WandbLoggerCallback"]
     assert mlflow_loaded and wandb_loaded
