@@ -11,22 +11,37 @@ backend is TensorFlow); afterwards they import as usual. The one loss: in such a
 package is not installed.
 """
 
+import contextlib
 import importlib.abc
 import importlib.util
 import os
 import sys
 
 
+@contextlib.contextmanager
+def packages_absent(*names: str):
+    """While it runs, `names` import as not installed (None in sys.modules, which Python's
+    import reads so); those already loaded are left as they are."""
+    absent = [name for name in names if name not in sys.modules]
+    sys.modules.update(dict.fromkeys(absent))
+    try:
+        yield
+    finally:
+        for name in absent:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+
+
 def _unused_by_trials() -> list[str]:
     unused = ["sklearn", "matplotlib"]
     if os.environ.get("KERAS_BACKEND") == "tensorflow":  # Set for every Ray worker.
         unused.append("jax")
-    return [name for name in unused if name not in sys.modules]
+    return unused
 
 
 class _LeanKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds `keras` as Python would, then runs its import with the unused packages marked
-    absent (None in sys.modules, which Python's import reads as not installed)."""
+    """Finds `keras` as Python would, then runs its import with the unused packages
+    absent."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "keras":
@@ -41,14 +56,10 @@ class _LeanKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
-        absent = _unused_by_trials()
-        sys.modules.update(dict.fromkeys(absent))
         try:
-            self.loader.exec_module(module)
+            with packages_absent(*_unused_by_trials()):
+                self.loader.exec_module(module)
         finally:
-            for name in absent:
-                if sys.modules.get(name, 0) is None:
-                    del sys.modules[name]
             module.__loader__ = module.__spec__.loader = self.loader
 
 

@@ -22,7 +22,7 @@ from ray.tune import Callback
 from ray.tune.callback import CallbackList
 from ray.tune.logger import TBXLoggerCallback
 
-from study import trackers
+from study import packages_absent, trackers
 from study.config import METRIC
 from study.console import duration
 from study.records import EPOCH_COLUMNS, TRIALS_FILE, error_file, error_reason
@@ -131,14 +131,8 @@ def _integration(name: str, without_tracker: bool = False):
     `without_tracker` and it is not loaded yet."""
     module = sys.modules.get(_INTEGRATIONS[name])
     if module is None:
-        absent = without_tracker and name not in sys.modules
-        if absent:
-            sys.modules[name] = None
-        try:
+        with packages_absent(*([name] if without_tracker else [])):
             module = importlib.import_module(_INTEGRATIONS[name])
-        finally:
-            if absent:
-                del sys.modules[name]
     elif not without_tracker and getattr(module, name) is None and importlib.util.find_spec(name):
         module = importlib.reload(module)  # Loaded without the tracker before.
     return module

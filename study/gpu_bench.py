@@ -119,8 +119,8 @@ def work_model(spec: dict) -> dict:
     steps_per_epoch = -(-images // config.training.batch_size)  # The trial's schedule.
     sizes = replace(bench.SIZES["gpu"], **spec["sizes"])
     rows = []
+    training = config.training
     for augment in (False, True):
-        training = config.training
         variant = bench.Variant(
             True, True, training.batch_size, training.steps_per_execution, augment
         )
