@@ -6,9 +6,11 @@ Each entry declares
   one-vs-all targets of the hinge losses);
 - `label_smoothing`: whether `loss.label_smoothing` is defined for it.
 
-`loss.head: softmax` overrides the head for every loss, as the 2020 notebook did (its hinge
-on softmax outputs scored 8.97%). Keras is imported inside the builders, so the config can
-check names without loading TensorFlow.
+The model outputs raw class scores for every loss (study/model.py); the head is part of the
+loss: a loss of the softmax head works on the scores' softmax (cross-entropy and focal on
+their log-softmax, whose gradient never vanishes). `loss.head: softmax` gives every loss a
+softmax head, as the 2020 notebook did (its hinge on softmax outputs scored 8.97%). Keras
+is imported inside the builders, so the config can check names without loading TensorFlow.
 """
 
 from collections.abc import Callable
@@ -20,22 +22,21 @@ class LossSpec:
     head: str
     targets: str
     label_smoothing: bool
-    build: Callable  # (LossConfig) -> keras.losses.Loss
+    build: Callable  # (LossConfig) -> keras.losses.Loss on the head's outputs
 
 
 def _categorical_crossentropy(config):
     from keras import losses
 
-    return losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    # On the scores: Keras takes their log-softmax, never a clipped probability's log.
+    return losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
 
 
 def _focal(config):
-    from keras import losses
+    from study.keras_objects import FocalCrossentropy
 
     # alpha=1: a class-independent alpha only rescales the loss (and so the learning rate).
-    return losses.CategoricalFocalCrossentropy(
-        alpha=1.0, gamma=config.focal_gamma, label_smoothing=config.label_smoothing
-    )
+    return FocalCrossentropy(gamma=config.focal_gamma, label_smoothing=config.label_smoothing)
 
 
 def _crammer_singer(config):
@@ -54,6 +55,7 @@ def _keras_loss(class_name):
 
 
 LOSSES: dict[str, LossSpec] = {
+    # Both take the scores themselves, their softmax head inside the loss (from logits).
     "categorical_crossentropy": LossSpec("softmax", "one_hot", True, _categorical_crossentropy),
     "focal": LossSpec("softmax", "one_hot", True, _focal),
     # The square loss on linear scores against one-hot targets (Hui & Belkin, 2021), which
@@ -69,6 +71,8 @@ LOSSES: dict[str, LossSpec] = {
     # Multi-class (Crammer-Singer) hinge: true-class score against the best other score.
     "categorical_hinge": LossSpec("linear", "one_hot", False, _crammer_singer),
 }
+# The losses that take the scores and make their softmax themselves, from logits.
+FROM_LOGITS = ("categorical_crossentropy", "focal")
 
 
 def head_for(config) -> str:
@@ -77,7 +81,14 @@ def head_for(config) -> str:
 
 
 def build_loss(config):
-    return LOSSES[config.name].build(config)
+    """The loss on the model's class scores: its own head applied inside it (a softmax
+    for cross-entropy, focal and MSLE, and for every loss in the notebook's mode)."""
+    loss = LOSSES[config.name].build(config)
+    if head_for(config) == "softmax" and config.name not in FROM_LOGITS:
+        from study.keras_objects import OnSoftmax
+
+        return OnSoftmax(loss, name=config.name)
+    return loss
 
 
 def target_table(config, num_classes: int):

@@ -3,18 +3,19 @@
 At width 1 with the default options it is the notebook's network layer for layer:
 conv 128-128, pool, conv 256-256, pool, dropout, conv 512-512, pool, dropout, dense 1024,
 dropout, dense to the classes (6,777,060 parameters for 100 classes). The second conv of
-each pair is unpadded ("valid"), as in the notebook. It takes uint8 images and scales
-them to [0, 1] itself: the input pipeline moves a quarter of the bytes, and the scaling
-runs on the device with the rest of the model. Augmentation, too, is a layer of batched
-`keras.ops`, so that every trial compiles (XLA on TensorFlow, `jit` on JAX).
+each pair is unpadded ("valid"), as in the notebook. It outputs raw class scores whatever
+the loss; the notebook's softmax is the loss's head (study/losses.py). It takes uint8
+images and scales them to [0, 1] itself: the input pipeline moves a quarter of the bytes,
+and the scaling runs on the device with the rest of the model. Augmentation, too, is a
+layer of batched `keras.ops`, so that every trial compiles (XLA on TensorFlow, `jit` on
+JAX).
 """
 
 import keras
 from keras import layers, ops
 
-from study.losses import head_for
-
 BLOCK_FILTERS = (128, 256, 512)
+SCORES = "scores"  # The output layer: raw class scores, whatever the loss.
 DENSE_UNITS = 1024
 
 
@@ -89,8 +90,9 @@ def build_model(config) -> keras.Model:
     x = layers.Activation(model_config.activation, name=f"dense_{model_config.activation}")(x)
     if model_config.dense_dropout > 0:
         x = layers.Dropout(model_config.dense_dropout, name="dense_dropout")(x)
-    scores = layers.Dense(config.data.num_classes, name="scores")(x)
-    # The head computes in float32 even under mixed precision, for a stable loss.
-    head = head_for(config.loss)
-    outputs = layers.Activation(head, dtype="float32", name=head)(scores)
-    return keras.Model(inputs, outputs, name="cifar_cnn")
+    x = layers.Dense(config.data.num_classes, name="class_scores")(x)
+    # Raw class scores, in float32 even under mixed precision, for a stable loss. The
+    # loss applies its own head (study/losses.py): a softmax for cross-entropy, none for
+    # the hinge and square losses. Probabilities are the scores' softmax.
+    scores = layers.Activation("linear", dtype="float32", name=SCORES)(x)
+    return keras.Model(inputs, scores, name="cifar_cnn")

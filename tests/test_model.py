@@ -37,14 +37,25 @@ def test_width_one_is_the_notebook_network():
     assert model.output_shape == (None, 100)
 
 
-def test_head_follows_the_loss():
-    softmax = build_model(_config(loss={"name": "categorical_crossentropy"}))
-    linear = build_model(_config(loss={"name": "hinge"}))
-    forced = build_model(_config(loss={"name": "hinge", "head": "softmax"}))
+def test_the_model_outputs_float32_scores_whatever_the_loss():
+    """The head is the loss's (study/losses.py): every model ends in raw class scores, in
+    float32 under mixed precision too, and the same network serves every loss."""
+    import keras
+
     x = _images(4)
-    np.testing.assert_allclose(np.asarray(softmax(x)).sum(axis=1), 1, rtol=1e-5)
-    assert linear.layers[-1].name == "linear"
-    assert forced.layers[-1].name == "softmax"
+    outputs = {}
+    for loss in ({"name": "categorical_crossentropy"}, {"name": "hinge", "head": "softmax"}):
+        model = build_model(_config(loss=loss, model={"width": 0.125}))
+        assert model.layers[-1].name == "scores" and model.layers[-1].dtype_policy.name == "float32"
+        outputs[loss["name"]] = np.asarray(model(x))
+    assert not np.allclose(outputs["categorical_crossentropy"].sum(axis=1), 1.0)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = build_model(_config(model={"width": 0.125}))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert mixed.get_layer("dense").compute_dtype == "bfloat16"
+    assert keras.backend.standardize_dtype(mixed(x).dtype) == "float32"
 
 
 def test_width_dataset_and_options():
