@@ -380,3 +380,12 @@ def split(data: CifarData, config, seed: int) -> Splits:
         x_val, y_val = x_train[val], y_train[val]
         x_train, y_train = x_train[is_train], y_train[is_train]
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, data.class_names)
+
+
+def check_batch_size(splits: Splits, batch_size: int) -> None:
+    """Refuses a batch larger than the training split: a trial trains on whole batches."""
+    if batch_size > len(splits.y_train):
+        raise DataError(
+            f"training.batch_size: {batch_size} is more than the {len(splits.y_train)} "
+            "training images; a trial trains on whole batches"
+        )

@@ -22,18 +22,70 @@ def _epoch(batches):
 def test_batches_keep_uint8_and_encode_targets_per_loss():
     labels = np.arange(10) % 3
     one_hot = Batches(_numbered(10), labels, 4, target_table(LossConfig(), 3), seed=0)
-    assert len(one_hot) == 3 and [len(one_hot[i][0]) for i in range(3)] == [4, 4, 2]
-    for i in range(3):
+    # Training keeps whole batches: 2 of 4, the epoch's last 2 images left out.
+    assert len(one_hot) == 2 and [len(one_hot[i][0]) for i in range(2)] == [4, 4]
+    assert one_hot.images_per_pass == 8
+    for i in range(2):
         images, targets = one_hot[i]
         assert images.dtype == np.uint8  # The model scales images on the device.
         assert targets.dtype == np.float32 and targets.shape == (len(images), 3)
         # Shuffled, but each image keeps its own label: image k holds the value k.
         np.testing.assert_array_equal(targets, np.eye(3)[labels[images[:, 0, 0, 0]]])
-    assert sorted(_epoch(one_hot)) == list(range(10))
+    seen = _epoch(one_hot)
+    assert len(set(seen)) == 8 and set(seen) <= set(range(10))
+    np.testing.assert_array_equal(seen, epoch_order(10, 0, 0)[:8])
     signed = Batches(_numbered(10), labels, 4, target_table(LossConfig(name="hinge"), 3))
-    images, targets = signed[0]
+    images, targets, _ = signed[0]
     np.testing.assert_array_equal(targets, 2 * np.eye(3)[labels[:4]] - 1)
     np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 1, 2, 3])  # No seed: in order.
+
+
+def test_evaluation_pads_its_last_batch_with_weightless_images():
+    labels = np.arange(10) % 3
+    evaluation = Batches(_numbered(10), labels, 4, np.eye(3))
+    assert len(evaluation) == 3 and evaluation.images_per_pass == 10
+    batches = [evaluation[i] for i in range(3)]
+    assert [len(images) for images, _, _ in batches] == [4, 4, 4]
+    images, targets, weights = batches[-1]
+    # Images 8 and 9, then 0 and 1 again as padding, weighted 0; the real images weigh the
+    # padded pass over the real one, 12 / 10.
+    np.testing.assert_array_equal(images[:, 0, 0, 0], [8, 9, 0, 1])
+    np.testing.assert_array_equal(targets, np.eye(3)[labels[[8, 9, 0, 1]]])
+    np.testing.assert_allclose(weights, [1.2, 1.2, 0, 0])
+    np.testing.assert_allclose(batches[0][2], [1.2] * 4)
+
+
+def test_a_trial_cannot_train_on_a_batch_larger_than_its_images():
+    with pytest.raises(ValueError, match="training.batch_size: 16 is more than the 10"):
+        Batches(_numbered(10), np.zeros(10, int), 16, np.eye(2), seed=0)
+
+
+@pytest.mark.parametrize("loss", ["categorical_crossentropy", "hinge"])
+def test_padded_evaluation_counts_each_image_once(loss):
+    """Keras's evaluation of the padded batches (as this backend's fit reads them) gives
+    the loss and the accuracy of the real images alone, computed here from predictions of
+    the whole set in one batch."""
+    from study.config import load_config
+    from study.trainable import compile_model
+
+    config = load_config(None, ["data.dataset=cifar10", "model.width=0.0625", f"loss.name={loss}"])
+    images = np.random.default_rng(0).integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)
+    labels = np.random.default_rng(1).integers(0, 10, 37)
+    table = target_table(config.loss, 10)
+    model = compile_model(config, steps_per_epoch=1, jit_compile=False)
+    logs = model.evaluate(
+        backend.fit_input(Batches(images, labels, 16, table))[0], verbose=0, return_dict=True
+    )
+    outputs = keras.ops.convert_to_numpy(model(images, training=False))  # Class scores.
+    targets = table[labels]
+    if loss == "hinge":  # Keras's Hinge: the mean over classes of max(0, 1 - t * s).
+        per_image = np.maximum(0.0, 1.0 - targets * outputs).mean(axis=1)
+    else:  # Cross-entropy of the scores' softmax.
+        shifted = outputs - outputs.max(axis=1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        per_image = -log_p[np.arange(37), labels]
+    assert logs["loss"] == pytest.approx(per_image.mean(), rel=1e-4)
+    assert logs["accuracy"] == pytest.approx(np.mean(outputs.argmax(axis=1) == labels))
 
 
 def test_order_depends_only_on_the_seed_and_the_epoch():
