@@ -12,6 +12,18 @@ import pandas as pd
 from analysis import stats
 
 REFERENCE_LOSS = "categorical_crossentropy"  # The baseline's loss: what others are compared to.
+# How a run can end without a result: its seeds are listed, not averaged.
+LOST = ("diverged", "dead")
+
+
+def lost_seeds(row: dict) -> int:
+    return sum(int(row.get(f"{status}_seeds", 0) or 0) for status in LOST)
+
+
+def lost_text(row: dict) -> str:
+    """The seeds a summary row lost, in words: "1 diverged, 2 dead"."""
+    counts = [(int(row.get(f"{status}_seeds", 0) or 0), status) for status in LOST]
+    return ", ".join(f"{count} {status}" for count, status in counts if count)
 
 
 def read_confirm(path: Path) -> pd.DataFrame:
@@ -32,11 +44,11 @@ def summary(
     confidence, so `resolved` (the interval excludes 0) keeps its meaning however many
     values are compared."""
     done = confirm[confirm.status == "completed"].dropna(subset=["test_accuracy"])
-    diverged = confirm[confirm.status == "diverged"]
+    lost_runs = confirm[confirm.status.isin(LOST)]
     rows, runs = [], {}
     for value, group in confirm.groupby(key, sort=False):
         finished = done[done[key] == value]
-        if finished.empty:  # Every seed diverged (or none has finished): no mean to give.
+        if finished.empty:  # Every seed was lost (or none has finished): no mean to give.
             config_id = group.config_id.iloc[0]
             chosen, mean, low, high = finished, np.nan, np.nan, np.nan
         else:
@@ -45,7 +57,7 @@ def summary(
             chosen = finished[finished.config_id == config_id]
             mean, low, high = stats.mean_interval(chosen.test_accuracy)
             runs[value] = chosen.test_accuracy.to_numpy()
-        lost = diverged[(diverged[key] == value) & (diverged.config_id == config_id)]
+        lost = lost_runs[(lost_runs[key] == value) & (lost_runs.config_id == config_id)]
         if finished.empty and lost.empty:
             continue
         rows.append(
@@ -53,8 +65,8 @@ def summary(
                 key: value,
                 "config_id": config_id,
                 "seeds": len(chosen),
-                # A diverged seed has no test accuracy: not in the mean, but said.
-                "diverged_seeds": len(lost),
+                # A diverged or dead seed has no test accuracy: not in the mean, but said.
+                **{f"{status}_seeds": int((lost.status == status).sum()) for status in LOST},
                 "mean_val_accuracy": chosen.val_accuracy.mean(),
                 "mean_test_accuracy": mean,
                 "ci_low": low,
@@ -95,12 +107,13 @@ def format_summary(table: pd.DataFrame, differences: pd.DataFrame, key="loss.nam
         return "no confirmation run has finished"
     lines = [f"Test accuracy per {key}, mean over seeds with its {stats.LEVEL:.0%} interval:"]
     for row in table.to_dict("records"):
-        lost = row.get("diverged_seeds", 0)
+        lost = lost_seeds(row)
         if not row["seeds"]:
-            lines.append(
-                f"  {row[key]!s:32s} every seed diverged ({lost} of {lost}), "
-                f"config {row['config_id']}"
-            )
+            kinds = [status for status in LOST if row.get(f"{status}_seeds")]
+            how = f"lost ({lost_text(row)})"
+            if len(kinds) == 1:
+                how = f"{kinds[0]} ({lost} of {lost})"
+            lines.append(f"  {row[key]!s:32s} every seed {how}, config {row['config_id']}")
             continue
         interval = f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
         if row["seeds"] == 1:
@@ -108,7 +121,7 @@ def format_summary(table: pd.DataFrame, differences: pd.DataFrame, key="loss.nam
         elif np.isnan(row["ci_low"]):  # All seeds alike: no spread to estimate from.
             interval = "[no interval: every seed gave the same]"
         seeds = f"{row['seeds']} seed{'s' * (row['seeds'] > 1)}" + (
-            f", {lost} diverged (not in the mean)" if lost else ""
+            f", {lost_text(row)} (not in the mean)" if lost else ""
         )
         lines.append(
             f"  {row[key]!s:32s} {row['mean_test_accuracy']:.4f}  {interval}  "

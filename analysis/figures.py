@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from analysis.confirmation import lost_seeds, lost_text  # noqa: E402
 from analysis.results import BEST, StudyResults, comparison, confirmation, leaderboard  # noqa: E402
 from study.config import METRIC  # noqa: E402
 from study.losses import LOSSES  # noqa: E402
@@ -121,10 +122,8 @@ def confirmation_figure(results: StudyResults, out: Path) -> Path:
         style = {"color": colour(value), "marker": MARKERS.get(value, "o")}
         axis.scatter(values, row + np.asarray(jitter), alpha=0.6, s=30, **style)
         mean = entry["mean_test_accuracy"]
-        if entry.get("diverged_seeds"):
-            said = (
-                "every seed diverged" if np.isnan(mean) else f"+{entry['diverged_seeds']} diverged"
-            )
+        if lost_seeds(entry):
+            said = "every seed lost" if np.isnan(mean) else f"+{lost_text(entry)}"
             axis.annotate(
                 said,
                 (1, row),
@@ -266,6 +265,7 @@ def asha(results: StudyResults, out: Path) -> tuple[Path, dict]:
         "completed": "tab:green",
         "early_stopped": "tab:orange",
         "diverged": "tab:red",
+        "dead": "tab:purple",
         "error": "black",
         "running": "tab:blue",
     }

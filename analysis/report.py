@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures
+from analysis.confirmation import lost_seeds, lost_text
 from analysis.results import (
     BEST,
     AnalysisError,
@@ -114,7 +115,7 @@ def _leaderboard_section(results: StudyResults, lines: list[str]) -> None:
         )
     lines.append(
         f"Ranked by the best {METRIC} of a trial that ran all {epochs} epochs: a trial that "
-        "ASHA stopped, or that diverged, has not been compared.\n"
+        "ASHA stopped, or that diverged or died, has not been compared.\n"
     )
     ranked = board[board["rank"].notna()].astype({"rank": int})
     lines.append(_table(ranked))
@@ -122,6 +123,7 @@ def _leaderboard_section(results: StudyResults, lines: list[str]) -> None:
         why = "no trial" if not row["trials"] else f"none of its {row['trials']} trials ran all"
         why = why if not row["trials"] else f"{why} {epochs} epochs"
         diverged = f", {row['diverged']} diverged" if row["diverged"] else ""
+        diverged += f", {row['dead']} dead" if row["dead"] else ""
         lines.append(
             f"\n- **Not ranked: {row[key]}** ({why}{diverged}; {row['epochs_spent']} epochs spent)"
         )
@@ -145,20 +147,21 @@ def _confirmation_section(results: StudyResults, out: Path, lines: list[str]) ->
     key = results.key
     lines.append(
         f"Each {key}'s best configuration (by validation) re-trained with "
-        f"{int((table.seeds + table.diverged_seeds).max())} seeds at the full budget and "
+        f"{int((table.seeds + table.diverged_seeds + table.dead_seeds).max())} seeds at the "
+        "full budget and "
         "tested once per seed. "
         "Mean test accuracy with its 95% Student's t interval:\n"
     )
     lines.append(_table(table))
-    lost = table[table.diverged_seeds > 0]
-    if not lost.empty:
+    lost = [row for row in table.to_dict("records") if lost_seeds(row)]
+    if lost:
         said = ", ".join(
-            f"{row[key]} {row['diverged_seeds']} of {row['seeds'] + row['diverged_seeds']}"
-            for row in lost.to_dict("records")
+            f"{row[key]} {lost_text(row)} of {row['seeds'] + lost_seeds(row)}" for row in lost
         )
         lines.append(
-            f"\nSeeds that diverged have no test accuracy and are not in the mean: {said}. "
-            "A configuration that diverges on some seeds is less reliable than its mean says."
+            "\nSeeds that diverged or died (learned nothing) have no test accuracy and are "
+            f"not in the mean: {said}. A configuration that fails on some seeds is less "
+            "reliable than its mean says."
         )
     left_out = [value for value in results.values if value not in set(table[key])]
     if left_out:

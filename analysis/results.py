@@ -4,6 +4,7 @@ Works on a folder copied from a cluster, with no Ray running. What is missing (n
 finished trial yet, no checkpoints, no Optuna study) is noted, not fatal.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,8 +13,16 @@ import pandas as pd
 import yaml
 
 from analysis.confirmation import read_confirm, summary
-from study.config import METRIC, config_values, flatten, from_params
+from study.config import (
+    COMPILE_SECONDS,
+    METRIC,
+    STARTUP_SECONDS,
+    config_values,
+    flatten,
+    from_params,
+)
 from study.confirm import CONFIRM_FILE, reference_value
+from study.health import DEAD
 from study.search_config import StudyConfig, load_study
 
 # The 2020 notebook's test accuracies, one run each, measured on the set it validated on.
@@ -78,10 +87,10 @@ def load(folder: str | Path) -> StudyResults:
     if missing:
         raise AnalysisError(f"{folder}: not a study's results folder (no {', '.join(missing)})")
     config = load_study(folder / "config.yaml")
-    trials = _read_csv(folder / "trials.csv")
+    trials = read_table(folder / "trials.csv")
     if trials.empty:
         raise AnalysisError(f"{folder}: trials.csv lists no trials")
-    epochs = _read_csv(folder / "epochs.csv")
+    epochs = read_table(folder / "epochs.csv")
     if BEST not in trials:
         trials[BEST] = np.nan
     confirm = read_confirm(folder / CONFIRM_FILE)
@@ -90,7 +99,8 @@ def load(folder: str | Path) -> StudyResults:
     return results
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
+    """A study's CSV table, or an empty frame where there is none (yet)."""
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame()
     return pd.read_csv(path, dtype={"trial_id": str, "gpu_ids": str, "config_id": str})
@@ -149,6 +159,7 @@ def comparison(trials: pd.DataFrame, key: str, max_epochs: int, values=()) -> pd
                 "trials": len(group),
                 "full_budget_trials": len(full),
                 "diverged": int((group.status == "diverged").sum()),
+                "dead": int((group.status == DEAD).sum()),
                 "epochs_spent": int(group.epochs_run.fillna(0).sum()),
                 "best_trial": None if best is None else best.trial_id,
                 BEST: np.nan if best is None else float(best[BEST]),
@@ -164,6 +175,77 @@ def comparison(trials: pd.DataFrame, key: str, max_epochs: int, values=()) -> pd
     return table[["rank", *rows[0]]]
 
 
+def ended_without_result(row: dict) -> str:
+    """How many of a comparison row's trials diverged or died, in words ('' for none)."""
+    counts = [(row.get(status, 0), status) for status in ("diverged", DEAD)]
+    return ", ".join(f"{count} {status}" for count, status in counts if count)
+
+
+def learning_rate_band(rate: float) -> str:
+    """The decade a learning rate lies in, as [1e-04, 1e-03)."""
+    low = math.floor(math.log10(rate) + 1e-9)
+    return f"[{10.0**low:.0e}, {10.0 ** (low + 1):.0e})"
+
+
+def dead_by_band(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per optimizer and learning-rate decade, the trials and how many of them died (their
+    network learned nothing: study/health.py); only the groups with a dead trial."""
+    columns = ["optimizer.name", "optimizer.learning_rate"]
+    if trials.empty or "status" not in trials or not set(columns) <= set(trials):
+        return pd.DataFrame(columns=["optimizer", "learning_rate_band", "trials", DEAD])
+    bands = trials.assign(
+        optimizer=trials["optimizer.name"],
+        learning_rate_band=trials["optimizer.learning_rate"].map(learning_rate_band),
+        is_dead=trials.status == DEAD,
+    )
+    table = bands.groupby(["optimizer", "learning_rate_band"], sort=True).agg(
+        trials=("is_dead", "size"), dead=("is_dead", "sum")
+    )
+    return table[table[DEAD] > 0].reset_index().rename(columns={"dead": DEAD})
+
+
+def format_dead(trials: pd.DataFrame) -> str | None:
+    """One line on where the dead trials were, by optimizer and learning rate; None if
+    none died."""
+    table = dead_by_band(trials)
+    if table.empty:
+        return None
+    groups = "; ".join(
+        f"{row['optimizer']} {row['learning_rate_band']}: {row[DEAD]} of {row['trials']}"
+        for row in table.to_dict("records")
+    )
+    return f"dead trials (learned nothing) by optimizer and learning rate: {groups}"
+
+
+def time_shares(trials: pd.DataFrame, epochs: pd.DataFrame) -> dict | None:
+    """Where the trials' time went: starting (each process's start to its first step),
+    compiling (each first epoch's time beyond a steady one) and training (the rest of the
+    epochs, validation included), in seconds summed over trials; None before any epoch."""
+    if epochs.empty or "epoch_seconds" not in epochs:
+        return None
+    starting = float(trials.get(STARTUP_SECONDS, pd.Series(dtype=float)).sum())
+    compiling = float(trials.get(COMPILE_SECONDS, pd.Series(dtype=float)).sum())
+    epoch_seconds = float(epochs.epoch_seconds.sum())
+    return {
+        "starting": starting,
+        "compiling": compiling,
+        "training": max(epoch_seconds - compiling, 0.0),
+    }
+
+
+def format_time_shares(trials: pd.DataFrame, epochs: pd.DataFrame) -> str | None:
+    """The shares of `time_shares` in one line."""
+    shares = time_shares(trials, epochs)
+    if shares is None:
+        return None
+    total = sum(shares.values())
+    parts = ", ".join(f"{name} {seconds / total:.0%}" for name, seconds in shares.items())
+    return (
+        f"trial time: {total:,.0f} s over {len(trials)} trials: {parts} (starting: a trial's "
+        "process start to its first step; compiling: its first epoch beyond its second)"
+    )
+
+
 def format_comparison(table: pd.DataFrame, key: str, max_epochs: int) -> str:
     """The comparison as the study prints it at its end."""
     ranked = table[table["rank"].notna()]
@@ -172,10 +254,10 @@ def format_comparison(table: pd.DataFrame, key: str, max_epochs: int) -> str:
         shown = ranked.assign(rank=ranked["rank"].astype(int))
         lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     for row in table[table["rank"].isna()].to_dict("records"):
-        value, trials, diverged = row[key], row["trials"], row["diverged"]
+        value, trials = row[key], row["trials"]
         why = "no trial" if trials == 0 else f"{trials} trials, none ran all {max_epochs} epochs"
-        if diverged:
-            why += f" ({diverged} diverged)"
+        if lost := ended_without_result(row):
+            why += f" ({lost})"
         lines.append(f"not ranked: {value}: {why}")
     return "\n".join(lines)
 

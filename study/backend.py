@@ -44,6 +44,65 @@ def _supported(name: str) -> str:
     return name
 
 
+# Where a node keeps the programs its trials compile (a folder per backend); "off": nowhere.
+CACHE_VARIABLE = "STUDY_COMPILATION_CACHE"
+DEFAULT_CACHE = Path("~/.cache/study/xla")
+CACHE_MAX_BYTES = 10 * 2**30  # JAX's share; it evicts the least recently used beyond it.
+
+
+def _has(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def compilation_cache() -> Path | None:
+    """This node's compilation cache: $STUDY_COMPILATION_CACHE, else ~/.cache/study/xla;
+    None where that says off."""
+    value = os.environ.get(CACHE_VARIABLE, str(DEFAULT_CACHE)).strip()
+    if value.lower() in ("", "off", "none", "0", "false"):
+        return None
+    return Path(value).expanduser()
+
+
+def use_compilation_cache(name: str) -> Path | None:
+    """Makes this process read and write compiled programs in the node's cache, before it
+    compiles any: each trial of a study then compiles a program only where no trial on
+    this node has compiled the same one (its shapes, and the settings compiled into it,
+    such as its learning-rate schedule and dropout rates: a restarted or resumed trial, a
+    confirmation's seeds, a study run again). JAX caches every program that took longer
+    than its threshold to compile (made 0 here, unless set); TensorFlow caches what XLA
+    compiles for a GPU (its CPU programs are compiled for the exact processor and not
+    cached)."""
+    root = compilation_cache()
+    if root is None:
+        return None
+    folder = root / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # A read-only home, say: compile as if there were no cache.
+        print(f"warning: no compilation cache at {folder}: {error.strerror}", file=sys.stderr)
+        return None
+    if name == "jax":
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and _has("filelock"):
+            # Least recently used entries go first (JAX needs filelock for that).
+            jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+        return folder
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "tf_xla_persistent_cache_directory" not in flags:
+        cache = (
+            f"--tf_xla_persistent_cache_directory={folder} "
+            "--tf_xla_persistent_cache_device_types=GPU"
+        )
+        os.environ["TF_XLA_FLAGS"] = f"{flags} {cache}".strip()  # Read at XLA's first use.
+    return folder
+
+
 def jax_memory_env(gpu_share: float | None = None) -> dict[str, str]:
     """JAX's memory settings for one trial: no whole-GPU preallocation (trials may share a
     GPU), and a cap at the trial's share of the GPU where it has only part of one."""
@@ -55,8 +114,10 @@ def jax_memory_env(gpu_share: float | None = None) -> dict[str, str]:
 
 def worker_env() -> dict[str, str]:
     """The environment every Ray worker of a study gets: the driver's Keras backend, and
-    JAX memory settings where the user set them (else each trial picks its own)."""
-    passed = {key: os.environ[key] for key in JAX_MEMORY_VARIABLES if key in os.environ}
+    JAX memory settings and the compilation cache's folder where the user set them (else
+    each trial picks its own)."""
+    variables = (*JAX_MEMORY_VARIABLES, CACHE_VARIABLE)
+    passed = {key: os.environ[key] for key in variables if key in os.environ}
     return {"KERAS_BACKEND": configured_name(), **passed}
 
 
@@ -77,7 +138,9 @@ def configure(gpu_share: float | None = None) -> Devices:
     `gpu_share`, by default the share of a GPU that Ray gave this trial."""
     import keras
 
-    if _supported(keras.backend.backend()) == "tensorflow":
+    name = _supported(keras.backend.backend())
+    use_compilation_cache(name)
+    if name == "tensorflow":
         return _tensorflow_devices()
     share = _ray_gpu_share() if gpu_share is None else gpu_share
     for key, value in jax_memory_env(share).items():
@@ -158,9 +221,14 @@ def _tf_dataset(batches):
         return np.arange(count, dtype=np.int64)[batches.rows(int(index))]
 
     def gather(index):
-        chosen = tf.ensure_shape(tf.numpy_function(rows, [index], tf.int64), [None])
-        return tf.gather(images, chosen), tf.gather(targets, tf.gather(labels, chosen))
+        chosen = tf.ensure_shape(tf.numpy_function(rows, [index], tf.int64), [size])
+        batch = tf.gather(images, chosen), tf.gather(targets, tf.gather(labels, chosen))
+        if batches.training:
+            return batch
+        weights = tf.numpy_function(batches.sample_weights, [index], tf.float32)
+        return (*batch, tf.ensure_shape(weights, [size]))
 
+    size = batches.batch_size  # Every batch is whole (study.pipeline.Batches).
     indices = tf.data.Dataset.range(len(batches))
     return indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 

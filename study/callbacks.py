@@ -25,9 +25,10 @@ from ray.tune.logger import TBXLoggerCallback
 from study import packages_absent, trackers
 from study.config import METRIC
 from study.console import duration
+from study.health import DEAD
 from study.records import EPOCH_COLUMNS, TRIALS_FILE, error_file, error_reason
 
-DONE = ("completed", "early_stopped", "diverged", "error")
+DONE = ("completed", "early_stopped", "diverged", DEAD, "error")
 RUNNING = ("running", "restarting")
 
 
@@ -48,24 +49,27 @@ def tune_params(trial) -> dict:
 
 class Endings:
     """How each trial ended, in trials.csv's words: completed, early_stopped (before its
-    `training.epochs`), diverged or error."""
+    `training.epochs`), diverged, dead or error."""
 
     def __init__(self):
         self.last_epoch: dict[str, int] = {}
-        self.diverged: set[str] = set()
+        self.ended: dict[str, str] = {}  # Trial id -> diverged or dead, as its trial said.
 
     def saw(self, trial, result: dict) -> dict | None:
         """Notes a result; returns its epoch's row (see epoch_row)."""
-        if result.get("diverged"):
-            self.diverged.add(trial.trial_id)
+        for status in ("diverged", DEAD):
+            if result.get(status):
+                self.ended[trial.trial_id] = status
         row = epoch_row(result)
         if row is not None:
             self.last_epoch[trial.trial_id] = int(row["epoch"])
         return row
 
     def status(self, trial, failed: bool, params: dict) -> str:
-        if failed or trial.trial_id in self.diverged:
-            return "error" if failed else "diverged"
+        if failed:
+            return "error"
+        if trial.trial_id in self.ended:
+            return self.ended[trial.trial_id]
         finished = self.last_epoch.get(trial.trial_id, 0) >= params.get("training.epochs", 0)
         return "completed" if finished else "early_stopped"
 

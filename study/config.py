@@ -21,6 +21,10 @@ from study.optimizers import OPTIMIZERS, SCHEDULES
 # loss: values of different losses are not comparable.
 METRIC = "val_accuracy"
 MODE = "max"
+# Where a trial's time went before it trained, as its first two epochs report them
+# (study/trainable.py's EpochReporter): its process's start to its first step, and its
+# first epoch's time beyond its second's (compiling, or reading the compilation cache).
+STARTUP_SECONDS, COMPILE_SECONDS = TIMINGS = ("startup_seconds", "compile_seconds")
 
 # Steps per execution with a GPU under "auto": enough to hide Python's per-step dispatch.
 GPU_STEPS_PER_EXECUTION = 16
@@ -168,6 +172,9 @@ class TrainingConfig(_Section):
     # per-step Python dispatch, 1 on CPU (where study.bench measured no gain). The math is
     # the same either way; a divergence is noticed at the end of an execution.
     steps_per_execution: Annotated[int, Field(ge=1, le=1_000)] | Literal["auto"] = "auto"
+    # Stop a dead trial (study/health.py): one whose training and validation accuracy sat
+    # at chance for this many epochs in a row, after enough steps to judge. 0: never.
+    dead_patience: int = Field(default=2, ge=0, le=10_000)
 
     @field_validator("checkpoint_every", mode="before")
     @classmethod

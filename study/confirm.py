@@ -69,7 +69,7 @@ def reference_value(study: StudyConfig, key: str):
 def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[list[dict], list]:
     """Each compared value's best `top_per_loss` full-budget trials by validation accuracy,
     as candidates {value, config_id, config}; and a note on each value left out, and why."""
-    from analysis.results import comparison, full_budget
+    from analysis.results import comparison, ended_without_result, full_budget
 
     trials_file = results_dir / "trials.csv"
     if not trials_file.is_file():
@@ -88,8 +88,8 @@ def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[li
         value = row[key]
         if not row["full_budget_trials"]:
             why = f"none of its {row['trials']} trials ran all {epochs} epochs"
-            if row["diverged"]:
-                why += f" ({row['diverged']} diverged)"
+            if lost := ended_without_result(row):
+                why += f" ({lost})"
             if not row["trials"]:
                 why = "no trial in the study"
             notes.append(f"{key}={value}: {why}; not confirmed")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from study import results
-from study.config import METRIC, TrialConfig, dump_yaml, flatten
+from study.config import METRIC, TIMINGS, TrialConfig, dump_yaml, flatten
 from study.data import CifarData
 from study.trackers import LocalTrackers, Trackers
 from study.trainable import MODEL_FILE, EpochReporter, Outcome, train_and_evaluate
@@ -65,6 +65,9 @@ def summarise(outcome: Outcome, seconds: float) -> dict:
         "final": outcome.history[-1] if outcome.history else None,
         "test": outcome.test,
         "seconds": seconds,
+        # Start-up (process start to first step) and compilation (the first epoch's time
+        # beyond the second's), as the first two epochs reported them.
+        **{key: row[key] for row in outcome.history for key in TIMINGS if key in row},
     }
 
 

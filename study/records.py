@@ -15,7 +15,8 @@ import pandas as pd
 from ray import tune
 
 from study import results
-from study.config import METRIC, flatten, from_params
+from study.config import METRIC, TIMINGS, flatten, from_params
+from study.health import DEAD
 
 TRIALS_FILE = "trials.csv"
 EPOCHS_FILE = "epochs.csv"
@@ -105,7 +106,7 @@ class StudyRecorder(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
-        row.update({key: result[key] for key in PLACEMENT if key in result})
+        row.update({key: result[key] for key in (*PLACEMENT, *TIMINGS) if key in result})
         if result.get("warning"):  # A checkpoint that could not be restored, say.
             row["warning"] = result["warning"]
         if result.get("diverged"):
@@ -125,6 +126,8 @@ class StudyRecorder(tune.Callback):
                 }
             )
         row["status"] = "running"
+        if result.get(DEAD):  # Its network learned nothing: stopped after this epoch.
+            row.update(status=DEAD, message=result[DEAD])
         row["epochs_run"] = epoch
         row["last_val_accuracy"] = result[METRIC]
         row["last_val_loss"] = result.get("val_loss")
@@ -143,7 +146,7 @@ class StudyRecorder(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
         row["ended_at"] = time.time()
-        if row["status"] != "diverged":
+        if row["status"] not in ("diverged", DEAD):
             finished = row.get("epochs_run", 0) >= self.max_epochs
             row["status"] = "completed" if finished else "early_stopped"
         self._save()

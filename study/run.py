@@ -2,7 +2,8 @@
 
 Arguments are parsed and checked here, before Ray or TensorFlow start; the work is done by
 library functions that tests call directly. Exit codes: 0 done, 2 bad input (one line on
-stderr), 3 the local trial diverged, 130 the study was interrupted (resume it).
+stderr), 3 the local trial diverged or died (its network learned nothing: study/health.py),
+130 the study was interrupted (resume it).
 `--confirm --name NAME` re-trains a finished study's best configurations over seeds.
 `--logger mlflow|wandb` (repeatable) logs every run to those trackers as well.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from study import backend
 from study.config import ConfigError
 from study.data import DataError
+from study.health import DEAD
 from study.results import check_folder
 from study.search_config import load_study
 
@@ -35,9 +37,10 @@ early (ASHA); results go to results/NAME/.
   python -m study.run --confirm --name NAME --seeds 3    re-train each loss's best over seeds
   python -m study.run --local --config configs/smoke.yaml   one trial in this process
 
-Exit codes: 0 done, 2 bad input (one line naming the field), 3 a local trial diverged,
-130 interrupted (the resume command is printed)."""
+Exit codes: 0 done, 2 bad input (one line naming the field), 3 a local trial diverged or
+died (learned nothing), 130 interrupted (the resume command is printed)."""
 
+LOCAL_FILES = ("config.yaml", "epochs.csv", "result.json", "model.keras")
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
@@ -219,7 +222,8 @@ def run_local_command(args) -> int:
     trackers = check_trackers(args.loggers, run_dir, run_dir.name)
 
     data = data_lib.load_cifar(config.data.dataset, config.data.data_dir, config.data.label_mode)
-    data_lib.split(data, config.data, seed=config.data.split_seed)  # Sizes checked up front.
+    splits = data_lib.split(data, config.data, seed=config.data.split_seed)  # Sizes checked
+    data_lib.check_batch_size(splits, config.training.batch_size)  # up front.
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's start-up quiet.
     from study.console import native_stderr_filtered
@@ -229,13 +233,13 @@ def run_local_command(args) -> int:
         from study.local import run_local
 
         summary = run_local(config, data, run_dir, trackers=trackers)
-    print(
-        f"{summary['status']}: wrote config.yaml, epochs.csv, result.json, model.keras to {run_dir}"
-    )
+    # A trial that diverged or died before its first checkpoint has no model.keras.
+    wrote = [name for name in LOCAL_FILES if (run_dir / name).is_file()]
+    print(f"{summary['status']}: wrote {', '.join(wrote)} to {run_dir}")
     for line in trackers.lines():
         print(line)
-    if summary["status"] == "diverged":
-        print(f"diverged: {summary['message']}", file=sys.stderr)
+    if summary["status"] in ("diverged", DEAD):
+        print(f"{summary['status']}: {summary['message']}", file=sys.stderr)
         return EXIT_DIVERGED
     return 0
 

@@ -24,39 +24,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 from study.config import METRIC, MODE
-from study.search_config import CONFIG_FILE, OPTUNA_FILE, SearchConfig
+from study.health import DEAD
+from study.search_config import CONFIG_FILE, OPTUNA_FILE, DefineByRun, SearchConfig
 
 EPOCH = "epoch"  # ASHA's clock: the epochs a trial has reported.
 RAY_TRIAL_ID = "ray_trial_id"  # The user attribute that ties an Optuna trial to Tune's.
-
-
-class DefineByRun:
-    """The Optuna define-by-run function for the space, in the config's order.
-
-    `fixed` holds values set beforehand (a stratum's value), which conditions see. Returns
-    every searched key: a value, or None where a condition leaves the key out.
-    """
-
-    def __init__(self, search: SearchConfig, fixed: dict[str, Any] | None = None):
-        self.search = search
-        self.fixed = dict(fixed or {})
-
-    def __call__(self, trial) -> dict[str, Any]:
-        values: dict[str, Any] = dict(self.fixed)
-        for key, entry in self.search.space.items():
-            if key in values:
-                continue
-            if not entry.active(values):
-                values[key] = None
-            elif entry.kind == "choice":
-                values[key] = trial.suggest_categorical(key, entry.choice)
-            elif entry.kind == "integer":
-                low, high = entry.range_for(values)
-                values[key] = trial.suggest_int(key, int(low), int(high))
-            else:
-                low, high = entry.range_for(values)
-                values[key] = trial.suggest_float(key, low, high, log=entry.kind == "loguniform")
-        return values
 
 
 def study_name(name: str, stratum) -> str:
@@ -69,7 +41,9 @@ class StudySearcher(Searcher):
 
     Optuna's record tells the truth: a trial that ran the full budget is COMPLETE with its
     best validation accuracy, one that ASHA stopped is PRUNED (its epochs are its
-    intermediate values), a diverged or failed one FAIL; each carries its Tune trial id.
+    intermediate values), a dead one PRUNED too with the user attribute status "dead"
+    (see `on_trial_complete`), a diverged or failed one FAIL; each carries its Tune trial
+    id.
     """
 
     def __init__(self, search: SearchConfig, storage: str, name: str, max_epochs: int):
@@ -159,11 +133,17 @@ class StudySearcher(Searcher):
             self.on_trial_result(trial_id, result)
         self.done.add(trial_id)
         state, values = optuna.trial.TrialState.COMPLETE, self.best.get(trial_id)
+        stratum, trial = self.trials[trial_id]
         if error or (result or {}).get("diverged") or values is None:
             state, values = optuna.trial.TrialState.FAIL, None
+        elif (result or {}).get(DEAD):
+            # PRUNED, not FAIL: TPE leaves failed trials out of its model, but ranks a
+            # pruned one by its last reported accuracy (chance, here) below the others,
+            # so it learns that this region of the space kills the network.
+            state, values = optuna.trial.TrialState.PRUNED, None
+            trial.set_user_attr("status", DEAD)
         elif self.last_epoch.get(trial_id, 0) < self.max_epochs:
             state, values = optuna.trial.TrialState.PRUNED, None
-        stratum, trial = self.trials[trial_id]
         # After a resume, a trial that Optuna already saw finish (SQLite is written at once,
         # Tune's own state every few seconds) may finish again.
         with contextlib.suppress(_finished_error()):

@@ -41,7 +41,7 @@ def scalars(metrics: dict) -> dict[str, float]:
 
 
 def failed(status: str) -> bool:
-    return status in ("diverged", "error")
+    return status in ("diverged", "dead", "error")
 
 
 @dataclass(frozen=True)

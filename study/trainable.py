@@ -18,9 +18,16 @@ from pathlib import Path
 
 import keras
 
-from study import backend
+from study import backend, health
 from study import data as data_lib
-from study.config import METRIC, TrainingConfig, TrialConfig, from_params
+from study.config import (
+    COMPILE_SECONDS,
+    METRIC,
+    STARTUP_SECONDS,
+    TrainingConfig,
+    TrialConfig,
+    from_params,
+)
 from study.losses import build_loss, target_table
 from study.model import build_model
 from study.optimizers import build_optimizer
@@ -34,7 +41,7 @@ STATE_FILE = "state.json"
 class Outcome:
     """How a trial ended; `history` holds every reported epoch's metrics."""
 
-    status: str  # "completed" or "diverged"
+    status: str  # "completed", "diverged" or "dead"
     history: list[dict] = field(default_factory=list)
     test: dict = field(default_factory=dict)
     message: str = ""
@@ -57,7 +64,8 @@ def compile_model(
     model.compile(
         optimizer=build_optimizer(config.optimizer, steps_per_epoch, config.training.epochs),
         loss=build_loss(config.loss),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        # Weighted: evaluation's padding images weigh 0 (study.pipeline.Batches).
+        weighted_metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )
@@ -122,23 +130,39 @@ class CheckpointCadence:
         return epochs_done % self.every == 0
 
 
+def process_started() -> float | None:
+    """When this process started (time.time()'s clock), if psutil can tell."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # Not installed, or no such record on this system: not timed.
+        return None
+
+
 class EpochReporter(keras.callbacks.Callback):
-    """Times each epoch, stops at a non-finite loss, checkpoints and hands metrics on."""
+    """Times each epoch, stops at a non-finite loss or a dead network (study/health.py),
+    checkpoints and hands metrics on. The first report carries the trial's start-up (this
+    process's start to its first training step), the second its compilation (the first
+    epoch's time beyond the second's: the programs compiled, or read from the cache)."""
 
     # Keras then runs the per-step hook on a helper thread, so that reading the loss never
     # makes the training loop wait for the device; it waits for the hooks at epoch end.
     async_safe = True
 
-    def __init__(self, sink, config: TrialConfig, train_images: int, warning: str | None = None):
+    def __init__(self, sink, setup: "TrialSetup", warning: str | None = None):
         super().__init__()
         self.warning = warning  # Goes out with the next report, into trials.csv.
         self.sink = sink
-        self.config = config
-        self.train_images = train_images
+        self.setup = setup
+        self.config = setup.config
+        self.train_images = setup.train.images_per_pass
         self.history: list[dict] = []
         self.diverged_at: tuple[int, int] | None = None
+        self.dead: str | None = None
         self.final: tuple[dict, Path | None] | None = None
-        self.cadence = CheckpointCadence(config.training)
+        self.cadence = CheckpointCadence(self.config.training)
+        self.startup_seconds: float | None = None
 
     def on_train_begin(self, logs=None):
         self.cadence.start()
@@ -147,6 +171,11 @@ class EpochReporter(keras.callbacks.Callback):
         self.epoch = epoch
         self.started = time.perf_counter()
         self.train_seconds = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.startup_seconds is None:
+            began = process_started()
+            self.startup_seconds = time.time() - began if began else math.nan
 
     def on_test_begin(self, logs=None):
         if self.train_seconds is None:
@@ -158,6 +187,28 @@ class EpochReporter(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)) and self.diverged_at is None:
             self.diverged_at = (self.epoch + 1, batch + 1)
+            self.model.stop_training = True
+
+    def _timings(self, elapsed: float) -> dict:
+        """Start-up with the first epoch run here, compilation with the second."""
+        if not self.history:
+            return {STARTUP_SECONDS: self.startup_seconds}
+        if len(self.history) == 1:
+            return {COMPILE_SECONDS: max(self.history[0]["epoch_seconds"] - elapsed, 0.0)}
+        return {}
+
+    def _check_health(self, metrics: dict) -> None:
+        steps = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.dead = health.dead_message(
+            [*self.history, metrics],
+            self.config.data.num_classes,
+            self.train_images,
+            self.setup.validation.images_per_pass,
+            steps,
+            self.config.training.dead_patience,
+        )
+        if self.dead:
+            metrics[health.DEAD] = self.dead
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
@@ -172,13 +223,15 @@ class EpochReporter(keras.callbacks.Callback):
             "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
             "images_per_second": self.train_images / train_seconds,
             "epoch_seconds": elapsed,
+            **self._timings(elapsed),
         }
         if self.warning:
             metrics["warning"], self.warning = self.warning, None
+        self._check_health(metrics)
         self.history.append(metrics)
-        last = done == self.config.training.epochs
+        last = done == self.config.training.epochs and not self.dead
         checkpoint = None
-        if self.cadence.due(done):
+        if self.cadence.due(done) and not self.dead:
             directory = Path(tempfile.mkdtemp()) / "checkpoint"
             checkpoint = save_checkpoint(self.model, done, directory, metrics)
             self.cadence.start()
@@ -208,7 +261,6 @@ class TrialSetup:
 
     config: TrialConfig
     devices: dict  # What `configure_devices` chose.
-    train_images: int
     train: Batches
     validation: Batches
     test: Batches
@@ -227,7 +279,7 @@ def prepare_trial(config: TrialConfig, data: data_lib.CifarData) -> TrialSetup:
     devices = configure_devices(config)
     splits = data_lib.split(data, config.data, seed=config.data.split_seed)
     train, validation, test = trial_batches(config, splits)
-    return TrialSetup(config, devices, len(splits.y_train), train, validation, test)
+    return TrialSetup(config, devices, train, validation, test)
 
 
 def _restore_first(config: TrialConfig, build, checkpoints):
@@ -250,8 +302,8 @@ def _restore_first(config: TrialConfig, build, checkpoints):
 
 
 def _evaluate(model: keras.Model, batches) -> dict:
-    loss, accuracy = model.evaluate(backend.fit_input(batches)[0], verbose=0)
-    return {"test_loss": float(loss), "test_accuracy": float(accuracy)}
+    logs = model.evaluate(backend.fit_input(batches)[0], verbose=0, return_dict=True)
+    return {"test_loss": float(logs["loss"]), "test_accuracy": float(logs["accuracy"])}
 
 
 def train_and_evaluate(
@@ -295,7 +347,7 @@ def train_and_evaluate(
         if final:
             sink.report({**final, **test, REPLAYED: True}, None)
         return Outcome("completed", [final] if final else [], test=test)
-    reporter = reporter_class(sink, config, setup.train_images, warning)
+    reporter = reporter_class(sink, setup, warning)
     train_input, callbacks = backend.fit_input(setup.train)
     model.fit(
         train_input,
@@ -310,6 +362,8 @@ def train_and_evaluate(
         epoch, step = reporter.diverged_at
         message = f"non-finite loss in epoch {epoch}, step {step}"
         return Outcome("diverged", reporter.history, message=message)
+    if reporter.dead:  # Its last epoch went out with the verdict; no test for it.
+        return Outcome(health.DEAD, reporter.history, message=reporter.dead)
     test_metrics = _evaluate(model, setup.test) if evaluate_test else {}
     if reporter.final is not None:
         metrics, final_checkpoint = reporter.final

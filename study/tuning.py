@@ -479,7 +479,7 @@ def final_table(study: StudyConfig, results_dir: Path) -> str:
     """The end-of-study table: each value of what the study compares, at the full budget."""
     import pandas as pd
 
-    from analysis.results import compared_key, comparison, format_comparison
+    from analysis.results import compared_key, comparison, format_comparison, format_dead
 
     key, epochs = compared_key(study.search), study.trial.training.epochs
     path = results_dir / "trials.csv"
@@ -488,7 +488,9 @@ def final_table(study: StudyConfig, results_dir: Path) -> str:
         return "No trial has reported an epoch yet."
     entry = study.search.space.get(key)
     values = entry.choice if entry is not None and entry.kind == "choice" else ()
-    return format_comparison(comparison(trials, key, epochs, values), key, epochs)
+    table = format_comparison(comparison(trials, key, epochs, values), key, epochs)
+    dead = format_dead(trials)
+    return f"{table}\n{dead}" if dead else table
 
 
 def shares_line(study: StudyConfig) -> str | None:
@@ -510,6 +512,14 @@ def resume_command(options: StudyOptions, phase: str = "") -> str:
 def write_config(study: StudyConfig, results_dir: Path) -> None:
     raw = {**study.trial.to_dict(), "search": study.search.model_dump(mode="json")}
     results.write_text(results_dir / CONFIG_FILE, yaml.safe_dump(raw, sort_keys=False))
+
+
+def time_line(folder: Path) -> str | None:
+    """Where the trials' time went (starting, compiling, training), from the tables."""
+    from analysis.results import format_time_shares, read_table
+
+    trials, epochs = read_table(folder / "trials.csv"), read_table(folder / "epochs.csv")
+    return format_time_shares(trials, epochs) if not trials.empty else None
 
 
 def failed_trials(folder: Path) -> list[str]:
@@ -588,7 +598,9 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
     settings = check_trackers(options.loggers, options.results_dir, options.name)
     data = load_data(study)
     config = study.trial.data
-    data_lib.split(data, config, seed=config.split_seed)  # Sizes checked before Ray starts.
+    splits = data_lib.split(data, config, seed=config.split_seed)  # Sizes checked up front,
+    batch_size = study.search.largest("training.batch_size", study.trial.training.batch_size)
+    data_lib.check_batch_size(splits, batch_size)  # before Ray starts.
     grid = _fit(study, options, data, settings, started)
     done = finished(grid, options.results_dir, study.search.trial_count)
     return _report(study, options, settings, done)
@@ -622,7 +634,9 @@ def _report(study: StudyConfig, options: StudyOptions, settings, finished: bool)
     if interrupted(options, finished):
         return 130
     print("\n" + final_table(study, options.results_dir))
-    for line in [*failed_trials(options.results_dir), *settings.lines(options.experiment_path)]:
+    shares = time_line(options.results_dir)
+    failed = failed_trials(options.results_dir)
+    for line in [*([shares] if shares else []), *failed, *settings.lines(options.experiment_path)]:
         print(line)
     if not finished:
         print(

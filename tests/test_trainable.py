@@ -398,3 +398,59 @@ def test_hinge_on_linear_scores_trains_far_above_hinge_on_softmax():
         best[head] = max(metrics["val_accuracy"] for metrics, _ in sink.reports)
     assert best["auto"] >= best["softmax"] + 0.08, best
     assert best["auto"] > 0.3, best  # Three times chance.
+
+
+def _real_sample_args(*overrides: str) -> list[str]:
+    """A narrow model on the real CIFAR-10 sample (3,500 training and 500 validation
+    images), batch 32: 109 steps an epoch, so that the dead-trial rule (200 steps) judges
+    at the end of epoch 2."""
+    values = [
+        "data.dataset=cifar10", "data.train_subset=null", "data.test_subset=null",
+        "data.validation_size=500", "model.width=0.125", "training.batch_size=32",
+        "optimizer.schedule=constant", *overrides,
+    ]  # fmt: skip
+    return [arg for value in values for arg in ("--set", value)]
+
+
+@pytest.mark.slow
+def test_a_blown_up_network_is_named_dead_and_stopped(tmp_path):
+    """Adam at 0.05: the first epoch's loss is in the thousands and the network predicts
+    one class from then on, with a finite loss. It is named dead after epoch 2 (both
+    accuracies at chance for two epochs, 218 steps), stopped there rather than run to its
+    10 epochs, and the command exits 3 as for a diverged trial."""
+    path = shared_sample("cifar-10-sample.tar.gz")
+    result = _study_run(
+        "--config", "configs/smoke.yaml", "--data-dir", path,
+        *_real_sample_args("training.epochs=10", "optimizer.learning_rate=0.05"),
+        "--storage-path", tmp_path, "--name", "blown",
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "dead: learned nothing: training accuracy" in result.stderr
+    summary = json.loads((tmp_path / "blown" / "result.json").read_text())
+    assert summary["status"] == "dead" and summary["epochs_run"] == 2
+    assert summary["message"].endswith("in epochs 1-2, after 218 steps")
+    assert summary["test"] == {}  # A dead network is not tested.
+    with open(tmp_path / "blown" / "epochs.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["dead"] for row in rows] == ["", summary["message"]]
+    assert all(math.isfinite(float(row["loss"])) for row in rows)  # Not a divergence.
+    assert "dead: wrote config.yaml, epochs.csv, result.json to" in result.stdout  # No model.
+
+
+@pytest.mark.slow
+def test_a_slow_starter_that_learns_is_not_called_dead(tmp_path):
+    """Adam at 1e-5 (the bottom of the default space): its training accuracy is still at
+    chance after two epochs, but its validation accuracy has left the band; it runs on."""
+    path = shared_sample("cifar-10-sample.tar.gz")
+    result = _study_run(
+        "--config", "configs/smoke.yaml", "--data-dir", path,
+        *_real_sample_args("training.epochs=3", "optimizer.learning_rate=1e-5"),
+        "--storage-path", tmp_path, "--name", "slow",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "slow" / "epochs.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 3 and "dead" not in rows[0]
+    band = 0.1 + 3 * math.sqrt(0.1 * 0.9 / 3488)  # Training images trained each epoch.
+    assert float(rows[1]["accuracy"]) <= band  # As slow as a dead one in training ...
+    assert max(float(row["val_accuracy"]) for row in rows) > 0.14  # ... but learning.
