@@ -174,12 +174,52 @@ class SearchConfig(_Strict):
             raise ValueError(f"{value:g}; {ONE_GPU}")
         return value
 
+    def largest(self, key: str, base_value):
+        """The largest value of a numeric `key` that a trial may get: the base's, or the
+        top of its search range or choice."""
+        entry = self.space.get(key)
+        if entry is None:
+            return base_value
+        values = entry.choice if entry.kind == "choice" else entry.bounds
+        if entry.ranges:
+            values = [*values, *(high for _, high in entry.ranges.values())]
+        return max([base_value, *values])
+
     @property
     def trial_count(self) -> int:
         """The trials the study runs: num_samples, or num_samples times the grid."""
         if self.searcher != "grid":
             return self.num_samples
         return self.num_samples * math.prod(len(entry.choice) for entry in self.space.values())
+
+
+class DefineByRun:
+    """The Optuna define-by-run function for the space, in the config's order.
+
+    `fixed` holds values set beforehand (a stratum's value), which conditions see. Returns
+    every searched key: a value, or None where a condition leaves the key out.
+    """
+
+    def __init__(self, search: SearchConfig, fixed: dict[str, Any] | None = None):
+        self.search = search
+        self.fixed = dict(fixed or {})
+
+    def __call__(self, trial) -> dict[str, Any]:
+        values: dict[str, Any] = dict(self.fixed)
+        for key, entry in self.search.space.items():
+            if key in values:
+                continue
+            if not entry.active(values):
+                values[key] = None
+            elif entry.kind == "choice":
+                values[key] = trial.suggest_categorical(key, entry.choice)
+            elif entry.kind == "integer":
+                low, high = entry.range_for(values)
+                values[key] = trial.suggest_int(key, int(low), int(high))
+            else:
+                low, high = entry.range_for(values)
+                values[key] = trial.suggest_float(key, low, high, log=entry.kind == "loguniform")
+        return values
 
 
 class StudyConfig(_Strict):
