@@ -128,7 +128,8 @@ class LossConfig(_Section):
 
 class OptimizerConfig(_Section):
     name: str = "adam"
-    learning_rate: float = Field(default=1e-3, gt=0, le=10)
+    # Not Keras's 1e-3, which kills the full-width network without batch norm.
+    learning_rate: float = Field(default=3e-4, gt=0, le=10)
     # Decoupled weight decay (applied by the optimizer, scaled by the learning rate); not
     # applied to biases or batch-norm scales and offsets.
     weight_decay: float = Field(default=0.0, ge=0, lt=1)

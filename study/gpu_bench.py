@@ -9,12 +9,13 @@ in turn, the JSON rewritten after each one, so that a run cut off still reports:
             precision, 16 steps per execution, with and without augmentation; and the
             2020 notebook's recipe (batch 64, float32, RMSprop);
 2. trial    a 3-epoch local trial (what `python -m study.run --local` runs): images/s;
-3. packing  2 and 4 local trials at once on the one GPU, started together once each has
+3. packing  4 local trials at once on the one GPU, started together once each has
             its data (the trial of section 2 is the row of 1): the images all of them
             trained over the wall time from their common start to the last one's end, the
             steady rate while all of them ran, and each process's peak GPU memory;
 4. study    N trials of configs/default.yaml's base configuration started together as
-            new processes, start-up and compilation counted, as a study's trials start:
+            new processes, start-up and compilation counted (no compilation cache: a
+            study's trials differ in what they compile), as a study's trials start:
             images trained over the wall time from their launch to the last one's end,
             with each trial's start-up and compilation seconds.
 
@@ -39,6 +40,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from study.backend import CACHE_VARIABLE
 
 FORBIDDEN = ("tensorflow", "ray")
 TARGETS = {"one_trial": 30_000, "packed": 50_000}
@@ -154,8 +157,8 @@ FULL = Plan(
         "model.width=1.0", "training.batch_size=512", "training.eval_batch_size=1364",
         "data.validation_size=5456", "data.test_subset=9548",
     ),
-    batch_size=512, epochs=3, run_seconds=2.0, runs=3, packing=(2, 4),
-    study=(1, 4, 8), study_overrides=(), study_epochs=6,
+    batch_size=512, epochs=3, run_seconds=2.0, runs=3, packing=(4,),
+    study=(1, 4, 8), study_overrides=(), study_epochs=5,
 )  # fmt: skip
 QUICK = Plan(
     dataset="cifar100",
@@ -367,12 +370,13 @@ def _finish(process, out: Path, budget: Budget) -> dict:
     return json.loads(out.read_text())
 
 
-def run_workers(specs: list[dict], folder: Path, name: str, budget: Budget, share=1.0):
-    """Runs the workers at once, each with `share` of the GPU's memory; their results,
-    and the wall-clock time (time.time) at which they were launched."""
+def run_workers(specs: list[dict], folder: Path, name: str, budget: Budget, share=1.0, env=None):
+    """Runs the workers at once, each with `share` of the GPU's memory (and `env` over
+    this process's environment); their results, and the wall-clock time (time.time) at
+    which they were launched."""
     from study.backend import jax_memory_env
 
-    env = {**os.environ, **jax_memory_env(share if share < 1 else None)}
+    env = {**os.environ, **jax_memory_env(share if share < 1 else None), **(env or {})}
     launched = time.time()
     started = [_start(spec, folder, f"{name}-{i}", env) for i, spec in enumerate(specs)]
     return [_finish(process, out, budget) for process, out in started], launched
@@ -444,7 +448,7 @@ def run_gpu_bench(plan: Plan, out: Path, budget: Budget, echo=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-bench") as temp:
         folder = Path(temp)
         # One compilation cache for every worker: the later ones read what the first wrote.
-        os.environ["STUDY_COMPILATION_CACHE"] = str(folder / "cache")
+        os.environ[CACHE_VARIABLE] = str(folder / "cache")
         source = synthetic.write_cifar(
             folder / "data" / "cifar-100-python.tar.gz", plan.dataset, *plan.per_class
         )
@@ -471,6 +475,25 @@ def run_gpu_bench(plan: Plan, out: Path, budget: Budget, echo=print) -> dict:
         trial_spec = {**base, "task": "trial", "run_dir": str(folder / "trial")}
         [trial], _ = run_workers([trial_spec], folder, "trial", budget)
         save("trial", trial)
+        study = {}
+        study_spec = {
+            "config": default, "data": str(source), "overrides": study_overrides,
+            "task": "trial",
+        }  # fmt: skip
+        for count in plan.study:
+            if budget.left() < 30:
+                study[str(count)] = {"skipped": "out of the time budget"}
+                continue
+            specs = [
+                {**study_spec, "run_dir": str(folder / f"study{count}-{i}")} for i in range(count)
+            ]
+            # No compilation cache: a study's trials differ in what they compile.
+            rows, launched = run_workers(
+                specs, folder, f"study{count}", budget, 1 / count, {CACHE_VARIABLE: "off"}
+            )
+            study[str(count)] = aggregate(rows, since=launched)
+            save("study", study)
+        save("study", study)
         packing = {"1": aggregate([trial])}
         for count in plan.packing:
             if budget.left() < 30:
@@ -487,22 +510,6 @@ def run_gpu_bench(plan: Plan, out: Path, budget: Budget, echo=print) -> dict:
             packing[str(count)] = aggregate(rows)
             save("packing", packing)
         save("packing", packing)
-        study = {}
-        study_spec = {
-            "config": default, "data": str(source), "overrides": study_overrides,
-            "task": "trial",
-        }  # fmt: skip
-        for count in plan.study:
-            if budget.left() < 30:
-                study[str(count)] = {"skipped": "out of the time budget"}
-                continue
-            specs = [
-                {**study_spec, "run_dir": str(folder / f"study{count}-{i}")} for i in range(count)
-            ]
-            rows, launched = run_workers(specs, folder, f"study{count}", budget, share=1 / count)
-            study[str(count)] = aggregate(rows, since=launched)
-            save("study", study)
-        save("study", study)
         imported = {
             package
             for section in results["sections"].values()

@@ -1,8 +1,9 @@
 """python -m study.bench.survey: how much of a search space trains a living network.
 
-Samples configurations from a config's search space (Optuna's random sampler, seeded, over
-every key the space lists, the loss among them), trains each as a local trial on the
-given data for about `--steps` optimizer steps (whole epochs, at least two), and tells
+Samples configurations from a config's search space (uniformly at random, log-uniform
+where the space says so, seeded; every key the space lists, the loss among them), trains
+each as a local trial on the given data for about `--steps` optimizer steps (whole
+epochs, at least two), and tells
 whether its network learned: a trial that diverged or died (study/health.py) is dead, and
 so is one whose training and validation accuracy both sat inside the chance band in its
 last two epochs (the same rule, here without its minimum of steps: the survey asks what
@@ -23,7 +24,7 @@ import math
 import os
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -38,20 +39,32 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 SHOWN = ("optimizer.name", "optimizer.learning_rate", "model.batch_norm", "training.batch_size")
 
 
+class _RandomDraw:
+    """The part of an Optuna trial that `DefineByRun` asks: uniform draws (log-uniform
+    where asked), seeded; so that the survey needs no Optuna (the GPU machine has none)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def suggest_categorical(self, name, choices):
+        return choices[int(self.rng.integers(len(choices)))]
+
+    def suggest_int(self, name, low, high):
+        return int(self.rng.integers(low, high + 1))
+
+    def suggest_float(self, name, low, high, log=False):
+        if log:
+            return float(math.exp(self.rng.uniform(math.log(low), math.log(high))))
+        return float(self.rng.uniform(low, high))
+
+
 def sample(study: StudyConfig, count: int, seed: int) -> list[dict]:
     """`count` configurations of the space (values of its keys), drawn at random."""
-    import optuna
+    import numpy as np
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.RandomSampler(seed=seed)
-    draws = optuna.create_study(sampler=sampler)
+    draw = _RandomDraw(np.random.default_rng(seed))
     define = DefineByRun(study.search)
-    samples = []
-    for _ in range(count):
-        trial = draws.ask()
-        samples.append(define(trial))
-        draws.tell(trial, 0.0)
-    return samples
+    return [define(draw) for _ in range(count)]
 
 
 def epochs_for(config, train_images: int, steps: int) -> int:
@@ -142,8 +155,11 @@ def jobs(study: StudyConfig, samples: list[dict], steps: int, train_images: int)
     return made
 
 
-def run_survey(study: StudyConfig, samples: list[dict], steps: int, workers: int, echo=print):
-    """Trains every sample, `workers` at a time; the rows in the samples' order."""
+def run_survey(
+    study: StudyConfig, samples: list[dict], steps: int, workers: int, echo=print, done=None
+):
+    """Trains every sample, `workers` at a time; the rows in the samples' order. `echo`
+    gets each row as it comes."""
     from study import data as data_lib
 
     config = study.trial.data
@@ -155,12 +171,19 @@ def run_survey(study: StudyConfig, samples: list[dict], steps: int, workers: int
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / workers:.3f}")
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            rows = list(pool.map(run_one, todo))
+            rows = [_echoed(future.result(), echo, done) for future in as_completed(
+                [pool.submit(run_one, job) for job in todo]
+            )]  # fmt: skip
     else:
-        rows = [run_one(job) for job in todo]
-    for row in rows:
-        echo(format_row(row))
-    return rows
+        rows = [_echoed(run_one(job), echo, done) for job in todo]
+    return sorted(rows, key=lambda row: row["index"])
+
+
+def _echoed(row: dict, echo, done: list | None) -> dict:
+    if done is not None:
+        done.append(row)
+    echo(format_row(row))
+    return row
 
 
 def format_row(row: dict) -> str:
@@ -202,8 +225,15 @@ def main(argv=None) -> int:
         if args.samples < 1 or args.steps < 1 or args.workers < 1:
             raise ConfigError("--samples, --steps, --workers: each must be >= 1")
         samples = sample(study, args.samples, args.seed)
+        done = []
+
+        def echo(line: str) -> None:  # Each row as it comes, and the JSON so far.
+            print(line, flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(done, indent=2, default=str))
+
         with native_stderr_filtered():  # TensorFlow's start-up lines, where it runs.
-            rows = run_survey(study, samples, args.steps, args.workers)
+            rows = run_survey(study, samples, args.steps, args.workers, echo, done)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
