@@ -176,6 +176,11 @@ class EpochReporter(keras.callbacks.Callback):
         if self.startup_seconds is None:
             began = process_started()
             self.startup_seconds = time.time() - began if began else math.nan
+        if self.diverged_at is not None:
+            # Stopped here, on the training loop's own thread, not from the per-step hook:
+            # on JAX, `self.model` syncs the model's state, and from the hook's thread that
+            # raced the next step, which had taken its buffers ("Array has been deleted").
+            self.model.stop_training = True
 
     def on_test_begin(self, logs=None):
         if self.train_seconds is None:
@@ -184,10 +189,10 @@ class EpochReporter(keras.callbacks.Callback):
             self.train_seconds = time.perf_counter() - self.started
 
     def on_train_batch_end(self, batch, logs=None):
+        # On a helper thread (async_safe): it reads the logs and never touches the model.
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)) and self.diverged_at is None:
             self.diverged_at = (self.epoch + 1, batch + 1)
-            self.model.stop_training = True
 
     def _timings(self, elapsed: float) -> dict:
         """Start-up with the first epoch run here, compilation with the second."""

@@ -75,7 +75,10 @@ def epochs_for(config, train_images: int, steps: int) -> int:
 
 
 def verdict(summary: dict, history: list[dict], num_classes: int, images: dict) -> str:
-    """dead (it diverged, died, or sat at chance in its last two epochs) or learning."""
+    """dead (it diverged, died, or sat at chance in its last two epochs), learning, or
+    error (it crashed: not counted either way)."""
+    if summary["status"] == "error":
+        return "error"
     if summary["status"] in ("diverged", DEAD):
         return DEAD
     train_band = chance_band(num_classes, images["train"])
@@ -103,17 +106,26 @@ def _load(dataset: str, data_dir: str, label_mode: str):
 
 def run_one(job: dict) -> dict:
     """Trains job["config"] (a nested config dict) as a local trial; its row."""
+    import keras
+
     from study import data as data_lib
     from study.config import validate
     from study.local import run_local
 
+    keras.config.disable_traceback_filtering()  # A crash's row says where, in full.
     config = validate(job["config"])
     data = _load(config.data.dataset, config.data.data_dir, config.data.label_mode)
     splits = data_lib.split(data, config.data, seed=config.data.split_seed)
     images = {"train": len(splits.y_train), "validation": len(splits.y_val)}
     trained = len(splits.y_train) // config.training.batch_size * config.training.batch_size
     with tempfile.TemporaryDirectory(prefix="survey-") as folder:
-        summary = run_local(config, data, Path(folder) / "run", echo=lambda line: None)
+        try:
+            summary = run_local(config, data, Path(folder) / "run", echo=lambda line: None)
+        except Exception as error:  # One configuration's crash is a row, not the survey's end.
+            import traceback
+
+            message = "".join(traceback.format_exception(error))[-3000:]
+            summary = {"status": "error", "message": message}
         rows = _history(Path(folder) / "run")
     return {
         "index": job["index"],
@@ -170,7 +182,9 @@ def run_survey(
         # Each worker process with its share of a GPU's memory (JAX; TensorFlow grows).
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / workers:.3f}")
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        # A process per configuration: JAX keeps state that a second trial in a process trips on.
+        context = get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
             rows = [_echoed(future.result(), echo, done) for future in as_completed(
                 [pool.submit(run_one, job) for job in todo]
             )]  # fmt: skip
@@ -202,8 +216,11 @@ def _short(value) -> str:
 
 def format_count(rows: list[dict]) -> str:
     dead = [row for row in rows if row["verdict"] == DEAD]
-    share = len(dead) / len(rows) if rows else 0.0
-    return f"dead: {len(dead)} of {len(rows)} sampled configurations ({share:.0%})"
+    judged = [row for row in rows if row["verdict"] != "error"]
+    share = len(dead) / len(judged) if judged else 0.0
+    crashed = len(rows) - len(judged)
+    errors = f"; {crashed} crashed (not counted)" if crashed else ""
+    return f"dead: {len(dead)} of {len(judged)} sampled configurations ({share:.0%}){errors}"
 
 
 def main(argv=None) -> int:
