@@ -19,7 +19,9 @@ from analysis.results import (
     StudyResults,
     best_trial,
     confirmation,
+    dead_by_band,
     dump,
+    format_time_shares,
     latest_checkpoint,
     leaderboard,
     load,
@@ -127,6 +129,14 @@ def _leaderboard_section(results: StudyResults, lines: list[str]) -> None:
         lines.append(
             f"\n- **Not ranked: {row[key]}** ({why}{diverged}; {row['epochs_spent']} epochs spent)"
         )
+    dead = dead_by_band(results.trials)
+    if not dead.empty:
+        lines.append(
+            "\nDead trials (their network learned nothing: both accuracies at chance for "
+            f"`training.dead_patience` epochs), by optimizer and learning rate:\n\n{_table(dead)}"
+        )
+    if shares := format_time_shares(results.trials, results.epochs):
+        lines.append(f"\nWhere the trials' time went: {shares.removeprefix('trial time: ')}.")
     lines.append(
         "\nThe notebook's figures are one run each, measured on the test set it also "
         "validated on. The search ranks on a validation split and never touches the test "

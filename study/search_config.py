@@ -38,6 +38,11 @@ CONFIG_FILE = "config.yaml"  # The study's resolved config: trial sections and s
 
 # Data-parallel training is not built: a trial given two GPUs would train on one.
 ONE_GPU = "a trial trains on one GPU, so at most 1 (fractions such as 0.25 pack trials on a GPU)"
+# Trials that share a GPU when neither --gpus-per-trial nor search.gpus_per_trial says:
+# on an H200, 4 of the default trial started together trained 2.4 times the images of one
+# in the same time, their start and compilation counted (docs/performance.md); a trial of
+# the full-width network holds about 1 GiB of the GPU's memory.
+TRIALS_PER_GPU = 4
 
 
 class _Strict(BaseModel):
@@ -123,7 +128,8 @@ class SearchConfig(_Strict):
     max_failures: int = Field(default=3, ge=0)
     keep_checkpoints: int = Field(default=2, ge=1)
     cpus_per_trial: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    # null: 1 when the study has GPUs (--gpus N), else 0. Fractions pack trials on a GPU.
+    # null: 1/TRIALS_PER_GPU (0.25) when the study has GPUs (--gpus N), else 0. Fractions
+    # pack trials on a GPU; 1 gives each trial a whole one.
     gpus_per_trial: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     space: dict[str, Distribution] = Field(default_factory=dict)
     # The notebook's configuration, evaluated first so every study has the baseline.

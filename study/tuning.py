@@ -20,7 +20,14 @@ import yaml
 from study import backend, console, results
 from study import data as data_lib
 from study.config import METRIC, MODE, ConfigError, flatten
-from study.search_config import CONFIG_FILE, ONE_GPU, SearchConfig, StudyConfig, load_study
+from study.search_config import (
+    CONFIG_FILE,
+    ONE_GPU,
+    TRIALS_PER_GPU,
+    SearchConfig,
+    StudyConfig,
+    load_study,
+)
 
 # Ray's newer console output ignores a custom reporter; the classic one can be trimmed.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -150,8 +157,8 @@ def resources(study: StudyConfig, options: StudyOptions) -> tuple[dict, int | No
     gpus = options.gpus_per_trial
     if gpus is None:
         gpus = study.search.gpus_per_trial
-    if gpus is None:
-        gpus = 1.0 if options.gpus else 0.0
+    if gpus is None:  # Packed: a share of a GPU each (search_config.TRIALS_PER_GPU).
+        gpus = min(1.0 / TRIALS_PER_GPU, options.gpus) if options.gpus else 0.0
     if gpus > max(options.gpus, 0) > 0 or (gpus and not options.gpus):
         raise ConfigError(
             f"search.gpus_per_trial: {gpus:g} GPUs per trial, but the study may use "

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from analysis import results
 from analysis.report import write_report
 from analysis.results import NOTEBOOK, leaderboard, load
 
@@ -335,3 +336,35 @@ def test_importance_figures_have_one_title_and_few_readable_axes(
     assert len(main.get_xticklabels()) <= figures.PARALLEL_KEYS + 1  # The metric's axis too.
     for axis in drawn["parallel_coordinates"].axes:
         assert all(len(label.get_text()) <= 14 for label in axis.get_yticklabels())
+
+
+def test_dead_trials_are_counted_by_optimizer_and_learning_rate_decade():
+    trials = pd.DataFrame(
+        {
+            "trial_id": list("abcde"),
+            "status": ["dead", "completed", "dead", "early_stopped", "dead"],
+            "optimizer.name": ["adam", "adam", "adam", "sgd", "sgd"],
+            "optimizer.learning_rate": [2e-3, 5e-4, 1.5e-3, 0.05, 0.2],
+        }
+    )
+    table = results.dead_by_band(trials)
+    assert table.to_dict("records") == [
+        {"optimizer": "adam", "learning_rate_band": "[1e-03, 1e-02)", "trials": 2, "dead": 2},
+        {"optimizer": "sgd", "learning_rate_band": "[1e-01, 1e+00)", "trials": 1, "dead": 1},
+    ]
+    line = results.format_dead(trials)
+    assert line.endswith("adam [1e-03, 1e-02): 2 of 2; sgd [1e-01, 1e+00): 1 of 1")
+    assert results.format_dead(trials.assign(status="completed")) is None
+
+
+def test_time_shares_against_a_hand_count():
+    trials = pd.DataFrame(
+        {"trial_id": ["a", "b"], "startup_seconds": [10.0, 14.0], "compile_seconds": [20.0, None]}
+    )
+    epochs = pd.DataFrame({"trial_id": ["a", "a", "a", "b"], "epoch_seconds": [25, 5, 5, 6]})
+    shares = results.time_shares(trials, epochs)
+    # Starting 24 s; compiling 20 s (b stopped after one epoch: none measured); training
+    # the epochs' 41 s less the 20 s of compiling inside them.
+    assert shares == {"starting": 24.0, "compiling": 20.0, "training": 21.0}
+    line = results.format_time_shares(trials, epochs)
+    assert line.startswith("trial time: 65 s over 2 trials: starting 37%, compiling 31%, ")

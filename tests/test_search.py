@@ -265,7 +265,12 @@ def test_bad_search_entries_are_refused(override, expected):
 
 def test_resources_and_concurrency():
     study = load_study(DEFAULT)
-    assert resources(study, StudyOptions("x", gpus=4)) == ({"cpu": 1.0, "gpu": 1.0}, 4)
+    # Packed by default: 4 trials share each GPU.
+    assert resources(study, StudyOptions("x", gpus=4)) == ({"cpu": 1.0, "gpu": 0.25}, 16)
+    assert resources(study, StudyOptions("x", gpus=0.5)) == ({"cpu": 1.0, "gpu": 0.25}, 2)
+    assert resources(study, StudyOptions("x", gpus=0.1))[0]["gpu"] == 0.1  # All it has.
+    whole = StudyOptions("x", gpus=4, gpus_per_trial=1)  # A GPU each, as asked.
+    assert resources(study, whole) == ({"cpu": 1.0, "gpu": 1.0}, 4)
     per_trial, concurrent = resources(study, StudyOptions("x", gpus=4, gpus_per_trial=0.5))
     assert per_trial["gpu"] == 0.5 and concurrent == 8
     per_trial, concurrent = resources(study, StudyOptions("x", gpus=1, gpus_per_trial=0.25))
@@ -328,3 +333,28 @@ def test_conditional_keys_are_checked_under_their_condition():
     unconditional = "search.space.loss.label_smoothing={uniform: [0.0, 0.2]}"
     with pytest.raises(ConfigError, match="label_smoothing > 0 is not defined for loss 'hinge'"):
         load_study(DEFAULT, ["loss.name=hinge", unconditional])
+
+
+def test_a_dead_trial_goes_to_optuna_as_pruned_and_the_sampler_models_it(tmp_path):
+    """A dead trial (study/health.py) is PRUNED with status "dead" and its epochs as
+    intermediate values, not FAIL: TPE's split of the trials into good and bad reads
+    COMPLETE and PRUNED trials and leaves FAIL out, so only thus does it learn from it."""
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    study = load_study(DEFAULT, ["search.num_samples=7", "search.stratify=null"])
+    searcher = make_searcher(study.search, tmp_path, "dead", max_epochs=4)
+    for trial_id in ("t0", "t1"):
+        searcher.suggest(trial_id)
+    for epoch in (1, 2):
+        searcher.on_trial_result("t0", {"epoch": epoch, "val_accuracy": 0.01})
+    searcher.on_trial_complete("t0", {"epoch": 2, "val_accuracy": 0.01, "dead": "learned nothing"})
+    for epoch in range(1, 5):
+        searcher.on_trial_result("t1", {"epoch": epoch, "val_accuracy": 0.1 * epoch})
+    searcher.on_trial_complete("t1", {"epoch": 4, "val_accuracy": 0.4})
+    optuna_study = optuna.load_study(study_name="dead", storage=f"sqlite:///{tmp_path}/optuna.db")
+    dead, finished = sorted(optuna_study.get_trials(), key=lambda t: t.number)
+    assert dead.state.name == "PRUNED" and dead.user_attrs["status"] == "dead"
+    assert dead.intermediate_values == {1: 0.01, 2: 0.01}
+    below, above = _split_trials(optuna_study, optuna_study.get_trials(), 1)
+    assert [t.number for t in below] == [finished.number]
+    assert [t.number for t in above] == [dead.number]  # Modelled, as a bad region.
