@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures
-from analysis.confirmation import lost_seeds, lost_text
+from analysis.confirmation import lost_seeds
 from analysis.results import (
     BEST,
     AnalysisError,
@@ -166,12 +166,12 @@ def _confirmation_section(results: StudyResults, out: Path, lines: list[str]) ->
     lost = [row for row in table.to_dict("records") if lost_seeds(row)]
     if lost:
         said = ", ".join(
-            f"{row[key]} {lost_text(row)} of {row['seeds'] + lost_seeds(row)}" for row in lost
+            f"{row[key]} {lost_seeds(row)} of {row['seeds'] + lost_seeds(row)}" for row in lost
         )
         lines.append(
-            "\nSeeds that diverged or died (learned nothing) have no test accuracy and are "
-            f"not in the mean: {said}. A configuration that fails on some seeds is less "
-            "reliable than its mean says."
+            "\nSeeds that diverged or died (learned nothing; the table's diverged_seeds and "
+            f"dead_seeds) have no test accuracy and are not in the mean: {said}. A "
+            "configuration that fails on some seeds is less reliable than its mean says."
         )
     left_out = [value for value in results.values if value not in set(table[key])]
     if left_out:

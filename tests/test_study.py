@@ -120,6 +120,17 @@ def test_study_searches_stops_early_and_writes_its_tables(shared_study):
     # full-budget trial.
     expected = format_comparison(comparison(trials, "loss.name", 4), "loss.name", 4)
     assert expected in result.stdout
+    # Each trial's start-up and compilation, and where the trials' time went in all.
+    assert (trials.startup_seconds > 0).all()
+    # Measured from a trial's second epoch: ASHA may have stopped some after their first.
+    measured = trials.compile_seconds.dropna()
+    assert (measured >= 0).all() and len(measured) == (trials.epochs_run >= 2).sum()
+    starting, compiling = trials.startup_seconds.sum(), trials.compile_seconds.sum()
+    total = starting + epochs.epoch_seconds.sum()
+    assert (
+        f"trial time: {total:,.0f} s over 6 trials: starting {starting / total:.0%}, "
+        f"compiling {compiling / total:.0%}, " in result.stdout
+    )
 
 
 def _table_cells(stdout: str, row_word: str, column: str) -> list[str]:
@@ -145,6 +156,8 @@ def test_the_default_config_study_on_jax_shows_a_left_out_key_as_empty(
         "data.validation_size=50", "model.width=0.0625", "training.epochs=2",
         "search.space.loss.name={choice: [hinge, categorical_crossentropy, focal]}",
         "search.baseline.loss.name=hinge", "search.stratify=null",
+        # Whole batches: none larger than the 150 training images.
+        "search.space.training.batch_size={choice: [32, 64]}",
     ]  # fmt: skip
     result = run_cli(
         "study.run", "--config", REPO / "configs" / "default.yaml", "--data-dir", cifar10_tarball,
