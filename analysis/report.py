@@ -204,10 +204,11 @@ def _confirmation_section(results: StudyResults, out: Path, lines: list[str]) ->
     _figure(lines, "Confirmation", figures.confirmation_figure, results, out, heading=False)
 
 
-def write_report(folder: Path, out: Path | None = None, data_dir: str | None = None) -> Path:
-    """Writes the figures and report.md into `out` (default: the results folder)."""
+def write_report(folder: Path | str, out: Path | None = None, data_dir: str | None = None) -> Path:
+    """Writes the figures and report.md into `out` (default: the results folder; for a
+    study in a bucket, the local folder its files were fetched into)."""
     results = load(folder)
-    out = Path(out or folder)
+    out = Path(out or results.folder)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Study report: {results.folder.name}\n"]
     lines += [f"> **Note:** {note}" for note in results.notes]
@@ -239,8 +240,14 @@ def write_report(folder: Path, out: Path | None = None, data_dir: str | None = N
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__)
-    parser.add_argument("results_dir", type=Path, help="a study's folder: <storage>/<name>")
-    parser.add_argument("--out", type=Path, help="where to write (default: the study folder)")
+    parser.add_argument(
+        "results_dir", help="a study's folder or bucket: <storage>/<name>, or s3://BUCKET/PATH/NAME"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where to write (default: the study folder; for a bucket, results/NAME here)",
+    )
     parser.add_argument("--data-dir", help="CIFAR data for the best trial's per-class results")
     args = parser.parse_args(argv)
     try:

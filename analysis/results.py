@@ -13,17 +13,20 @@ import pandas as pd
 import yaml
 
 from analysis.confirmation import read_confirm, summary
+from study import storage
 from study.config import (
     COMPILE_SECONDS,
     METRIC,
     STARTUP_SECONDS,
+    ConfigError,
     config_values,
     flatten,
     from_params,
 )
-from study.confirm import CONFIRM_FILE, reference_value
-from study.health import DEAD
+from study.confirm import reference_value
+from study.results import CONFIRM_FILE, STUDY_FILES
 from study.search_config import StudyConfig, load_study
+from study.statuses import DEAD, ORPHANED
 
 # The 2020 notebook's test accuracies, one run each, measured on the set it validated on.
 NOTEBOOK = {
@@ -49,6 +52,8 @@ class StudyResults:
     notes: list[str] = field(default_factory=list)
     # confirm.csv: the confirmation phase's runs over seeds, with test metrics; or empty.
     confirm: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Where the study lives: `folder`, or the bucket whose files `folder` holds a copy of.
+    source: str = ""
 
     @property
     def max_epochs(self) -> int:
@@ -80,6 +85,11 @@ class StudyResults:
 
 
 def load(folder: str | Path) -> StudyResults:
+    """A study's results from its folder, or from its bucket (`s3://BUCKET/PATH/NAME`),
+    whose files are fetched first into results/NAME here (study/storage.py)."""
+    source = str(folder)
+    if storage.is_uri(source):
+        folder = _fetched(source)
     folder = Path(folder)
     if not folder.is_dir():
         raise AnalysisError(f"{folder}: no such folder")
@@ -94,9 +104,40 @@ def load(folder: str | Path) -> StudyResults:
     if BEST not in trials:
         trials[BEST] = np.nan
     confirm = read_confirm(folder / CONFIRM_FILE)
-    results = StudyResults(folder, config, trials, epochs, confirm=confirm)
+    results = StudyResults(folder, config, trials, epochs, confirm=confirm, source=source)
     _note_gaps(results)
     return results
+
+
+def newest_study(roots=None) -> Path:
+    """The study most recently written to under a results/ folder: the one where the
+    command runs, the one beside it (a notebook opened from analysis/ runs there), and
+    the project's own. What the notebook opens when it is given no study."""
+    project = Path(__file__).resolve().parents[1]
+    roots = roots or [Path.cwd() / "results", Path.cwd().parent / "results", project / "results"]
+    studies = {
+        folder.resolve()
+        for root in roots
+        for folder in (Path(root).glob("*") if Path(root).is_dir() else [])
+        if (folder / "config.yaml").is_file() and (folder / "trials.csv").is_file()
+    }
+    if not studies:
+        looked = ", ".join(str(Path(root)) for root in roots)
+        raise AnalysisError(f"no study in {looked}; give the study's folder or its bucket")
+    return max(studies, key=lambda folder: (folder / "trials.csv").stat().st_mtime)
+
+
+def _fetched(uri: str) -> Path:
+    """The study at `uri`, its own files fetched into its local folder."""
+    try:
+        storage.check(uri, "the study")
+        folder = storage.local_folder(uri)
+        storage.fetch(uri, folder, STUDY_FILES)
+    except (ConfigError, OSError) as error:
+        raise AnalysisError(str(error).splitlines()[0]) from None
+    if not (folder / "config.yaml").is_file():
+        raise AnalysisError(f"{uri}: not a study's results folder (no config.yaml)")
+    return folder
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -112,9 +153,16 @@ def _note_gaps(results: StudyResults) -> None:
     unfinished += statuses.get("restarting", 0)
     if unfinished:
         results.notes.append(f"{unfinished} trials were still running: this report is partial.")
-    if len(results.trials) < results.config.search.num_samples:
+    orphaned = statuses.get(ORPHANED, 0)
+    started = len(results.trials) - orphaned
+    if started < results.config.search.num_samples:
         results.notes.append(
-            f"{len(results.trials)} of {results.config.search.num_samples} trials have started."
+            f"{started} of {results.config.search.num_samples} trials have started."
+        )
+    if orphaned:
+        results.notes.append(
+            f"{orphaned} trials are orphaned: recorded by a driver that died before Tune "
+            "saved them; each one's share went to a new trial, and they are not compared."
         )
     if results.reported.empty:
         results.notes.append("No trial has reported an epoch yet.")
@@ -149,6 +197,9 @@ def comparison(trials: pd.DataFrame, key: str, max_epochs: int, values=()) -> pd
     it; the others follow, unranked (rank empty): an early-stopped or diverged trial has
     not been compared. `values` lists values that may have no trial at all."""
     rows = []
+    # An orphaned trial is not one of the study's (study/statuses.py): its share went to
+    # another trial.
+    trials = trials[trials.status != ORPHANED] if "status" in trials else trials
     for value in dict.fromkeys([*values, *trials.get(key, pd.Series(dtype=object))]):
         group = trials[trials[key] == value] if key in trials else trials.iloc[:0]
         full = full_budget(group, max_epochs)
@@ -300,7 +351,17 @@ def trial_config(results: StudyResults, trial_id: str) -> dict:
 
 
 def latest_checkpoint(results: StudyResults, trial_id: str) -> Path | None:
-    """The trial's newest `checkpoint_*/model.keras`, if Ray kept one in this folder."""
+    """The trial's newest `checkpoint_*/model.keras`, if Ray kept one in this folder (or
+    in the study's bucket, fetched from there)."""
+    if storage.is_uri(results.source):
+        trial = storage.join(results.source, f"trial_{trial_id}")
+        names = [name for name in storage.listing(trial) if name.startswith("checkpoint_")]
+        if not names:
+            return None
+        local = results.folder / f"trial_{trial_id}" / names[-1]
+        if not (local / "model.keras").is_file():
+            storage.fetch_folder(storage.join(trial, names[-1]), local)
+        return local / "model.keras"
     checkpoints = sorted(
         (results.folder / f"trial_{trial_id}").glob("checkpoint_*/model.keras"),
         key=lambda p: p.parent.name,

@@ -22,14 +22,13 @@ from ray.tune import Callback
 from ray.tune.callback import CallbackList
 from ray.tune.logger import TBXLoggerCallback
 
-from study import packages_absent, trackers
+from study import packages_absent, statuses, trackers
 from study.config import METRIC
 from study.console import duration
-from study.health import DEAD
 from study.records import EPOCH_COLUMNS, TRIALS_FILE, error_file, error_reason
+from study.statuses import DEAD, DONE
 
-DONE = ("completed", "early_stopped", "diverged", DEAD, "error")
-RUNNING = ("running", "restarting")
+RUNNING = (statuses.RUNNING, statuses.RESTARTING)
 
 
 def epoch_row(result: dict) -> dict | None:
@@ -379,6 +378,33 @@ class TimeBudget(Callback):
             return
         print(f"time budget of {duration(self.seconds)} spent: stopping the study", flush=True)
         signal.raise_signal(signal.SIGUSR1)
+
+
+class Mirrored(Callback):
+    """Uploads the study's own files to its bucket after each event that rewrites them
+    (study/storage.py's Mirror; it does nothing for a local folder). In ThisRun, after
+    the recorder has written the tables."""
+
+    def __init__(self, mirror):
+        self.mirror = mirror
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.mirror.changed()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.mirror.changed()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.mirror.changed()
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.mirror.changed()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.mirror.changed()
+
+    def on_experiment_end(self, trials, **info):
+        self.mirror.flush()
 
 
 class ThisRun(CallbackList):

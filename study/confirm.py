@@ -15,8 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.confirmation import REFERENCE_LOSS, format_summary, read_confirm, summary
-from study import results
+from study import results, storage
 from study.config import METRIC, MODE, ConfigError, config_values, flatten, from_params, validate
+from study.results import CONFIRM_DIR, CONFIRM_FILE
 from study.search_config import StudyConfig, load_study
 from study.tuning import (
     CONFIG_FILE,
@@ -35,8 +36,6 @@ from study.tuning import (
     run_config,
 )
 
-CONFIRM_DIR = "confirm"
-CONFIRM_FILE = "confirm.csv"
 RUN_COLUMNS = [
     "config_id",
     "seed",
@@ -190,8 +189,9 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
     if top_per_loss < 1:
         raise ConfigError(f"--top-per-loss: {top_per_loss}; must be >= 1")
     results_dir = options.results_dir
+    options.fetch()  # From its bucket, where the study lives in one.
     if not (results_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"--name: no study at {results_dir} (no {CONFIG_FILE})")
+        raise ConfigError(f"--name: no study at {options.experiment_path} (no {CONFIG_FILE})")
     study = load_study(results_dir / CONFIG_FILE)
     confirm_dir = results_dir / CONFIRM_DIR
     if options.resume and not confirm_dir.is_dir():
@@ -205,11 +205,16 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
         print(f"note: {note}", file=sys.stderr)
     data = load_data(study)
     per_trial, _ = resources(study, options)
+    mirror = options.mirror()
     with ray_session(options, per_trial):
-        _this_run(study, options, len(candidates) * seeds, settings, started)
+        _this_run(study, options, len(candidates) * seeds, settings, started, mirror)
         tuner = _tuner(study, options, data, candidates, list(range(1, seeds + 1)), per_trial)
-        print(f"confirming {len(candidates)} configurations x {seeds} seeds in {confirm_dir}")
-        grid = tuner.fit()
+        where = storage.join(options.experiment_path, CONFIRM_DIR)
+        print(f"confirming {len(candidates)} configurations x {seeds} seeds in {where}")
+        try:
+            grid = tuner.fit()
+        finally:
+            mirror.flush()
     done = finished(grid, confirm_dir, len(candidates) * seeds)
     if interrupted(options, done, "--confirm"):
         return 130
@@ -226,18 +231,26 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
         print(line)
     if not done:
         print(f"stopped at its time budget; continue with: {command}")
-    print(f"results: {results_dir / CONFIRM_FILE}")
+    bucket = f" (and {storage.join(options.experiment_path, CONFIRM_FILE)})"
+    print(f"results: {results_dir / CONFIRM_FILE}{bucket if options.remote_storage else ''}")
     return 0
 
 
-def _this_run(study: StudyConfig, options: StudyOptions, total: int, settings, started) -> None:
-    """This run's callbacks (study/callbacks.py): progress, time budget, trackers."""
-    from study.callbacks import Progress, ThisRun, TimeBudget, tracker_loggers
+def _this_run(
+    study: StudyConfig, options: StudyOptions, total: int, settings, started, mirror
+) -> None:
+    """This run's callbacks (study/callbacks.py): the recorder of the confirmation's tables
+    (made in every run, as the study's is), the bucket's copy, progress, time budget,
+    trackers."""
+    from study.callbacks import Mirrored, Progress, ThisRun, TimeBudget, tracker_loggers
 
     key, folder = compared(study)[0], options.results_dir / CONFIRM_DIR
-    progress = Progress(folder, total, study.trial.training.epochs, key, False, started)
+    epochs = study.trial.training.epochs
+    recorder = _recorder_class()(folder, epochs, key)
+    progress = Progress(folder, total, epochs, key, False, started)
     budget = [TimeBudget(options.time_budget, started)] if options.time_budget else []
-    ThisRun.callbacks = [progress, *budget, *tracker_loggers(settings, confirm_params)]
+    trackers = tracker_loggers(settings, confirm_params)
+    ThisRun.callbacks = [recorder, Mirrored(mirror), progress, *budget, *trackers]
 
 
 def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, per_trial):
@@ -253,7 +266,6 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, p
         experiment=f"{options.experiment_path}/{CONFIRM_DIR}",
     )  # fmt: skip
     trainable = tune.with_resources(resilient(trainable), per_trial)
-    recorder = _recorder_class()(confirm_dir, study.trial.training.epochs, compared(study)[0])
     # Beside the study's own experiment: <storage>/<name>/confirm.
     storage = options.experiment_path
     if options.resume:
@@ -277,7 +289,6 @@ def _tuner(study: StudyConfig, options: StudyOptions, data, candidates, seeds, p
         run_config=run_config(
             CONFIRM_DIR,
             storage,
-            recorder,
             confirm_params,
             failure_config=tune.FailureConfig(max_failures=study.search.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=study.search.keep_checkpoints),

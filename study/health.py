@@ -23,7 +23,8 @@ network able to learn has shown it (tiny runs of a few steps an epoch are never 
 import math
 from collections.abc import Sequence
 
-DEAD = "dead"
+from study.statuses import DEAD  # noqa: F401  The status it gives, named with it.
+
 # The steps a trial has taken before it can be judged dead.
 MIN_STEPS = 200
 # Standard errors above chance that still count as guessing.

@@ -16,10 +16,9 @@ from ray import tune
 
 from study import results
 from study.config import METRIC, TIMINGS, flatten, from_params
-from study.health import DEAD
+from study.results import EPOCHS_FILE, TRIALS_FILE
+from study.statuses import DEAD, ORPHANED, UNFINISHED
 
-TRIALS_FILE = "trials.csv"
-EPOCHS_FILE = "epochs.csv"
 EPOCH_COLUMNS = (
     "epoch",
     "loss",
@@ -33,6 +32,10 @@ EPOCH_COLUMNS = (
     "test_accuracy",
 )
 PLACEMENT = ("node_id", "node_ip", "hostname", "pid", "gpu_ids")
+ORPHAN_MESSAGE = (
+    "its driver died before Tune saved this trial in its state; Tune does not run it on, "
+    "and a new trial takes its share"
+)
 
 
 def error_file(trial) -> str:
@@ -59,6 +62,10 @@ def _read(path: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if pd.notna(v)} for row in frame.to_dict("records")]
 
 
+def _ignore(*args, **kwargs) -> None:
+    return None
+
+
 class StudyRecorder(tune.Callback):
     """Writes trials.csv and epochs.csv into the study's results folder as trials report."""
 
@@ -71,9 +78,36 @@ class StudyRecorder(tune.Callback):
         self._load()
 
     def setup(self, **info):
-        # A resumed study restores this callback as pickled when the study began; the
-        # tables on disk are what it has reported since.
+        # The tables on disk are what the study has reported so far (a resumed study).
         self._load()
+        self.reconciled = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        """At a resumed study's first step, closes each trial the tables hold as unfinished
+        but Tune's restored state does not know: the driver died after it recorded the
+        trial and before Tune saved its state. Tune never runs it on, and its share goes
+        to a new trial; it is closed as orphaned, never left running."""
+        if getattr(self, "reconciled", True):
+            return
+        self.reconciled = True
+        known = {trial.trial_id for trial in trials}
+        orphans = [
+            row
+            for row in self.trials.values()
+            if row.get("status") in UNFINISHED and row["trial_id"] not in known
+        ]
+        for row in orphans:
+            row.update(status=ORPHANED, ended_at=time.time(), message=ORPHAN_MESSAGE)
+        if orphans:
+            self._save()
+
+    def __setstate__(self, state):
+        # Each run of the driver makes its recorder (study/tuning.py's this_run). One
+        # unpickled from Tune's state is from a study begun before that: it records
+        # nothing, or every result would be written twice.
+        self.__dict__.update(state)
+        for hook in ("setup", *(name for name in dir(tune.Callback) if name.startswith("on_"))):
+            setattr(self, hook, _ignore)
 
     def _load(self) -> None:
         """Continues the tables of an interrupted study."""

@@ -1,4 +1,5 @@
-"""Results files written atomically (write a temporary file, then rename over the old one).
+"""The study's own files: their names, and writing them atomically (a temporary file,
+then a rename over the old one).
 
 A process killed while writing leaves the previous complete file, never half of a new one.
 """
@@ -11,6 +12,18 @@ import tempfile
 from pathlib import Path
 
 from study.config import ConfigError
+
+# The study's own files in its folder (beside Ray's experiment state and trial folders).
+CONFIG_FILE = "config.yaml"  # The resolved config: trial sections and search.
+TRIALS_FILE = "trials.csv"  # One row per trial.
+EPOCHS_FILE = "epochs.csv"  # One row per reported epoch.
+OPTUNA_FILE = "optuna.db"  # The Optuna studies (SQLite), one per stratum.
+CONFIRM_DIR = "confirm"  # The confirmation's Ray experiment, with its own tables.
+CONFIRM_FILE = "confirm.csv"  # One row per confirmation run.
+STUDY_FILES = (
+    CONFIG_FILE, TRIALS_FILE, EPOCHS_FILE, OPTUNA_FILE, CONFIRM_FILE,
+    f"{CONFIRM_DIR}/{TRIALS_FILE}", f"{CONFIRM_DIR}/{EPOCHS_FILE}",
+)  # fmt: skip
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

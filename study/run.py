@@ -21,6 +21,7 @@ from study.data import DataError
 from study.health import DEAD
 from study.results import check_folder
 from study.search_config import load_study
+from study.storage import is_uri
 
 # Without --config: the study defaults, with the search space (works from any directory
 # with the editable install that the README uses).
@@ -98,7 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data-dir", help="the CIFAR tarball, a folder holding it, or its extracted folder"
     )
     parser.add_argument(
-        "--storage-path", type=Path, default=Path("results"), help="where run folders go"
+        "--storage-path",
+        default="results",
+        help="where run folders go: a folder, or a bucket every node reaches (s3://BUCKET/PATH)",
     )
     parser.add_argument("--name", help="the run folder's name (default: config name and time)")
     parser.add_argument(
@@ -149,7 +152,12 @@ def _run_dir(args) -> Path:
     name = args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not name or "/" in name or name in (".", ".."):
         raise ConfigError(f"--name: {name!r} must be a plain folder name")
-    run_dir = args.storage_path / name
+    if is_uri(args.storage_path):
+        raise ConfigError(
+            f"--storage-path: {args.storage_path}: --local writes its run folder on this "
+            "machine; give a local folder (a study takes a bucket)"
+        )
+    run_dir = Path(args.storage_path) / name
     check_folder(run_dir)
     if run_dir.exists():
         raise ConfigError(f"--name: {run_dir} already exists; choose another --name")

@@ -18,14 +18,15 @@ import contextlib
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 from study.config import METRIC, MODE
-from study.health import DEAD
+from study.results import EPOCHS_FILE
 from study.search_config import CONFIG_FILE, OPTUNA_FILE, DefineByRun, SearchConfig
+from study.statuses import DEAD, ORPHANED
 
 EPOCH = "epoch"  # ASHA's clock: the epochs a trial has reported.
 RAY_TRIAL_ID = "ray_trial_id"  # The user attribute that ties an Optuna trial to Tune's.
@@ -51,11 +52,20 @@ class StudySearcher(Searcher):
         self.search, self.storage, self.name, self.max_epochs = search, storage, name, max_epochs
         self.shares = search.shares()
         self.suggested = dict.fromkeys(self.shares, 0)
-        self.trials: dict[str, tuple[Any, Any]] = {}  # Tune trial id -> (stratum, Optuna trial)
+        # Tune trial id -> (stratum, the Optuna trial's id in the storage): ids, not Optuna's
+        # Trial objects, which pickle the storage's path and would reopen it on a resume.
+        self.trials: dict[str, tuple[Any, int]] = {}
         self.best: dict[str, float] = {}
         self.last_epoch: dict[str, int] = {}
         self.done: set[str] = set()
         self._studies: dict[str, Any] = {}
+
+    def _trial(self, trial_id: str):
+        """The Optuna trial of Tune's trial `trial_id`, in this searcher's storage."""
+        import optuna
+
+        stratum, stored = self.trials[trial_id]
+        return optuna.trial.Trial(self.study(stratum), stored)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # The metric and mode are the study's constants.
@@ -111,7 +121,7 @@ class StudySearcher(Searcher):
         trial = self.study(stratum).ask()
         trial.set_user_attr(RAY_TRIAL_ID, trial_id)
         fixed = {} if self.search.stratify is None else {self.search.stratify: stratum}
-        self.trials[trial_id] = (stratum, trial)
+        self.trials[trial_id] = (stratum, trial._trial_id)
         return DefineByRun(self.search, fixed)(trial)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -122,7 +132,7 @@ class StudySearcher(Searcher):
         self.last_epoch[trial_id] = epoch
         with warnings.catch_warnings(), contextlib.suppress(_finished_error()):
             warnings.simplefilter("ignore")  # An epoch run again after a restore.
-            self.trials[trial_id][1].report(value, epoch)
+            self._trial(trial_id).report(value, epoch)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error=False) -> None:
         import optuna
@@ -131,9 +141,11 @@ class StudySearcher(Searcher):
             return
         if result and not result.get("diverged"):
             self.on_trial_result(trial_id, result)
+        if error:
+            self._report_recorded(trial_id)
         self.done.add(trial_id)
         state, values = optuna.trial.TrialState.COMPLETE, self.best.get(trial_id)
-        stratum, trial = self.trials[trial_id]
+        stratum, trial = self.trials[trial_id][0], self._trial(trial_id)
         if error or (result or {}).get("diverged") or values is None:
             state, values = optuna.trial.TrialState.FAIL, None
         elif (result or {}).get(DEAD):
@@ -146,8 +158,45 @@ class StudySearcher(Searcher):
             state, values = optuna.trial.TrialState.PRUNED, None
         # After a resume, a trial that Optuna already saw finish (SQLite is written at once,
         # Tune's own state every few seconds) may finish again.
-        with contextlib.suppress(_finished_error()):
-            self.study(stratum).tell(trial, values, state=state)
+        self.study(stratum).tell(trial, values, state=state, skip_if_finished=True)
+
+    def _report_recorded(self, trial_id: str) -> None:
+        """The epochs of a failed trial that the study's epochs.csv holds and Optuna does
+        not. Tune hands a searcher no result of the epoch at which ASHA stops a trial (its
+        last, at the full budget), only the trial's end; a worker that dies while Tune
+        saves that epoch's checkpoint ends the trial in an error, with no result at all,
+        and its last epoch reached Optuna only through the study's own table."""
+        import pandas as pd
+
+        path = Path(self.storage.removeprefix("sqlite:///")).parent / EPOCHS_FILE
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+        epochs = pd.read_csv(path, dtype={"trial_id": str})
+        mine = epochs[(epochs.trial_id == trial_id) & (epochs.get("rerun", 0) == 0)]
+        for row in mine.sort_values("epoch").itertuples():
+            if int(row.epoch) > self.last_epoch.get(trial_id, 0):
+                self.on_trial_result(trial_id, {EPOCH: row.epoch, METRIC: getattr(row, METRIC)})
+
+    def close_orphans(self) -> list[str]:
+        """After a resume: closes, as FAIL with the status "orphaned", each Optuna trial
+        still running that this searcher (as Tune saved it) never proposed. The driver
+        died after proposing it and before Tune saved its state, so Tune does not know the
+        trial and will not run it on; its share goes to a new trial. Returns their Tune
+        ids."""
+        import optuna
+
+        known = set(self.trials)
+        closed = []
+        for stratum in self.shares:
+            study = self.study(stratum)
+            for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+                ray_id = trial.user_attrs.get(RAY_TRIAL_ID)
+                if ray_id in known:
+                    continue
+                study._storage.set_trial_user_attr(trial._trial_id, "status", ORPHANED)
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                closed.append(ray_id)
+        return closed
 
     def grow(self, search: SearchConfig) -> None:
         """A study grown to search.num_samples trials: each stratum's share grows to its
@@ -179,6 +228,10 @@ class StudyGenerator(SearchGenerator):
     from what it has learned. (Tune restores a generator with the trial count it began
     with; growing an experiment in place is outside what Tuner.restore offers.)"""
 
+    # The study's folder in the driver running now, set before Tune restores a study: the
+    # pickled paths are where the study began (another folder, or another machine).
+    folder: ClassVar[Path | None] = None
+
     def __init__(self, searcher: Searcher, config_file: Path):
         super().__init__(searcher)
         self.config_file = str(config_file)
@@ -187,12 +240,16 @@ class StudyGenerator(SearchGenerator):
         from study.search_config import load_study
 
         super().restore_from_dir(dirpath)
-        if not Path(self.config_file).is_file():  # A study folder moved since it began.
-            return
-        search = load_study(self.config_file, check_space=False).search
         base = self.searcher
         while not isinstance(base, StudySearcher):
             base = base.searcher  # Through a ConcurrencyLimiter.
+        if StudyGenerator.folder is not None:
+            self.config_file = str(StudyGenerator.folder / CONFIG_FILE)
+            base.storage = f"sqlite:///{StudyGenerator.folder / OPTUNA_FILE}"
+        base.close_orphans()
+        if not Path(self.config_file).is_file():  # A study folder moved since it began.
+            return
+        search = load_study(self.config_file, check_space=False).search
         if search.num_samples > base.search.num_samples:
             base.grow(search)
             state = self.get_state()

@@ -32,9 +32,7 @@ from study.config import (
     read_yaml,
     set_value,
 )
-
-OPTUNA_FILE = "optuna.db"  # The study's Optuna record, beside its tables.
-CONFIG_FILE = "config.yaml"  # The study's resolved config: trial sections and search.
+from study.results import CONFIG_FILE, OPTUNA_FILE  # noqa: F401  Imported from here too.
 
 # Data-parallel training is not built: a trial given two GPUs would train on one.
 ONE_GPU = "a trial trains on one GPU, so at most 1 (fractions such as 0.25 pack trials on a GPU)"

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from study import backend, console, results
+from study import backend, console, results, storage
 from study import data as data_lib
 from study.config import METRIC, MODE, ConfigError, flatten
+from study.results import STUDY_FILES
 from study.search_config import (
     CONFIG_FILE,
     ONE_GPU,
@@ -55,19 +56,32 @@ class StudyOptions:
 
     @property
     def remote_storage(self) -> bool:
-        return "://" in self.storage_path
+        return storage.is_uri(self.storage_path)
 
     @property
     def results_dir(self) -> Path:
-        # Ray writes checkpoints to remote storage itself; our tables stay on the driver.
-        root = Path("results") if self.remote_storage else Path(self.storage_path)
-        return (root / self.name).resolve()
+        """The study's own files, on this machine (mirrored to a bucket: study/storage.py)."""
+        if self.remote_storage:
+            return storage.local_folder(self.experiment_path)
+        return (Path(self.storage_path) / self.name).resolve()
 
     @property
     def experiment_path(self) -> str:
+        """Where Ray keeps the study: a local folder or a URI."""
         if self.remote_storage:
-            return f"{self.storage_path.rstrip('/')}/{self.name}"
+            return storage.join(self.storage_path, self.name)
         return str(self.results_dir)
+
+    def mirror(self, names=STUDY_FILES) -> storage.Mirror:
+        """What uploads the study's own files to its bucket (nothing for a local folder)."""
+        uri = self.experiment_path if self.remote_storage else None
+        return storage.Mirror(self.results_dir, uri, names)
+
+    def fetch(self, names=STUDY_FILES) -> None:
+        """The study's own files from its bucket, where they are newer (a resume, a
+        confirmation, on another machine)."""
+        if self.remote_storage:
+            storage.fetch(self.experiment_path, self.results_dir, names)
 
 
 def check_options(options: StudyOptions) -> None:
@@ -94,6 +108,8 @@ def check_options(options: StudyOptions) -> None:
     if options.num_samples is not None and not options.resume:
         raise ConfigError("--num-samples: grows a study on --resume; a new study takes it")
     results.check_folder(options.results_dir)
+    if options.remote_storage:
+        storage.check(options.storage_path)
     check_address(options.address)
 
 
@@ -122,12 +138,17 @@ def prepare(study: StudyConfig, options: StudyOptions) -> StudyConfig:
     """Checks a new study's folder and space; or reloads a resumed study's config."""
     config_file = options.results_dir / CONFIG_FILE
     if options.resume:
+        options.fetch()
         if not config_file.exists():
-            raise ConfigError(f"--resume: no study at {options.results_dir} (no {CONFIG_FILE})")
+            where = options.experiment_path
+            raise ConfigError(f"--resume: no study at {where} (no {CONFIG_FILE})")
         return grown(load_study(config_file), options.num_samples)
-    if options.results_dir.exists():
+    taken = options.results_dir.exists()
+    if options.remote_storage:
+        taken = taken or storage.exists(storage.join(options.experiment_path, CONFIG_FILE))
+    if taken:
         raise ConfigError(
-            f"--name: {options.results_dir} already exists; --resume continues it, "
+            f"--name: {options.experiment_path} already exists; --resume continues it, "
             "or choose another --name"
         )
     if not study.search.space:
@@ -192,7 +213,7 @@ def connect(options: StudyOptions):
 
     quiet_libraries()
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    runtime_env = {"env_vars": backend.worker_env()}
+    runtime_env = {"env_vars": {**backend.worker_env(), **storage.worker_env()}}
     if options.address:
         context = ray.init(address=options.address, runtime_env=runtime_env, **quiet)
     else:
@@ -374,33 +395,46 @@ def param_space(study: StudyConfig) -> dict:
     return fixed
 
 
-def this_run(study: StudyConfig, options: StudyOptions, settings, started=None) -> None:
-    """Sets the callbacks this run of the driver adds (study/callbacks.py): the progress
-    line, the time budget, and the trackers of --logger."""
+def this_run(study: StudyConfig, options: StudyOptions, settings, started, mirror) -> None:
+    """Sets the callbacks this run of the driver adds (study/callbacks.py): the recorder of
+    the study's tables (made here, in every run, so that a study resumed from another
+    folder or machine writes its tables there), the upload of the study's files to its
+    bucket, the progress line, the time budget, and the trackers of --logger."""
     from analysis.results import compared_key
-    from study.callbacks import Progress, ThisRun, TimeBudget, tracker_loggers
+    from study.callbacks import Mirrored, Progress, ThisRun, TimeBudget, tracker_loggers
+    from study.records import StudyRecorder
 
     search, epochs = study.search, study.trial.training.epochs
+    recorder = StudyRecorder(options.results_dir, epochs, study.trial.to_dict())
     progress = Progress(
         options.results_dir, search.trial_count, epochs, compared_key(search),
         asha=search.scheduler == "asha", started=started,
     )  # fmt: skip
     budget = [TimeBudget(options.time_budget, started)] if options.time_budget else []
-    ThisRun.callbacks = [progress, *budget, *tracker_loggers(settings)]
+    extra = [progress, *budget, *tracker_loggers(settings)]
+    ThisRun.callbacks = [recorder, Mirrored(mirror), *extra]
 
 
-def run_config(name: str, storage: str, recorder, params=None, **more):
-    """What every Tune run of the project shares: the study's recorder, TensorBoard in each
-    trial's folder, this run's callbacks, and each trial's stdout and stderr in its folder
-    (`log_to_file`; synced there with its checkpoints, so a failed trial's output is there)."""
+def study_folder(options: StudyOptions) -> str:
+    """Where the study is: its folder, or its URI and the local folder of its tables."""
+    if options.remote_storage:
+        return f"{options.experiment_path} (its tables also in {options.results_dir})"
+    return str(options.results_dir)
+
+
+def run_config(name: str, storage_path: str, params=None, **more):
+    """What every Tune run of the project shares: TensorBoard in each trial's folder, this
+    run's callbacks (the recorder of the study's tables among them: `this_run`), and each
+    trial's stdout and stderr in its folder (`log_to_file`; synced there with its
+    checkpoints, so a failed trial's output is there)."""
     from ray import tune
 
     from study.callbacks import TensorBoardLogger, ThisRun, tune_params
 
     return tune.RunConfig(
         name=name,
-        storage_path=storage,
-        callbacks=[recorder, TensorBoardLogger(params or tune_params), ThisRun()],
+        storage_path=storage_path,
+        callbacks=[TensorBoardLogger(params or tune_params), ThisRun()],
         log_to_file=True,
         sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=1,
@@ -417,7 +451,7 @@ def storage_path(options: StudyOptions) -> str:
 def build_tuner(study: StudyConfig, options: StudyOptions, data):
     from ray import tune
 
-    from study.records import StudyRecorder
+    from study import search as search_lib
     from study.search import make_scheduler, make_searcher, trial_dirname, trial_generator
 
     per_trial, concurrent = resources(study, options)
@@ -427,14 +461,15 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
         trial_function, data=data, base=base, recorded=recorded, experiment=options.experiment_path
     )
     trainable = tune.with_resources(resilient(trainable), per_trial)
-    recorder = StudyRecorder(options.results_dir, study.trial.training.epochs, base)
     if options.resume:
+        # The restored searcher's own paths are where the study began: it reads this one.
+        search_lib.StudyGenerator.folder = options.results_dir
         return tune.Tuner.restore(
             options.experiment_path,
             trainable=trainable,
             resume_unfinished=True,
             resume_errored=True,
-        ), recorder
+        )
     search, epochs = study.search, study.trial.training.epochs
     generator = None
     if search.searcher != "grid":
@@ -460,13 +495,12 @@ def build_tuner(study: StudyConfig, options: StudyOptions, data):
         run_config=run_config(
             options.name,
             storage_path(options),
-            recorder,
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=search.keep_checkpoints),
             progress_reporter=_reporter(study),
         ),
     )
-    return tuner, recorder
+    return tuner
 
 
 def _reporter(study: StudyConfig):
@@ -616,6 +650,7 @@ def run_study(study: StudyConfig, options: StudyOptions) -> int:
 def _fit(study: StudyConfig, options: StudyOptions, data, settings, started):
     """Starts or joins Ray and runs the study's Tune experiment; returns Ray's results."""
     per_trial, _ = resources(study, options)
+    mirror = options.mirror()
     with ray_session(options, per_trial):
         if not options.resume:
             options.results_dir.mkdir(parents=True)
@@ -628,12 +663,16 @@ def _fit(study: StudyConfig, options: StudyOptions, data, settings, started):
             )
             if options.num_samples:  # Grown: the generator reads the new size there.
                 write_config(study, options.results_dir)
-        this_run(study, options, settings, started)
-        tuner, _ = build_tuner(study, options, data)
-        print(f"study folder: {options.results_dir}")
+        mirror.changed()
+        this_run(study, options, settings, started, mirror)
+        tuner = build_tuner(study, options, data)
+        print(f"study folder: {study_folder(options)}")
         if line := shares_line(study):
             print(line)
-        return tuner.fit()
+        try:
+            return tuner.fit()
+        finally:
+            mirror.flush()  # The bucket holds every table before the run ends.
 
 
 def _report(study: StudyConfig, options: StudyOptions, settings, finished: bool) -> int:
@@ -650,5 +689,5 @@ def _report(study: StudyConfig, options: StudyOptions, settings, finished: bool)
             f"stopped at its time budget ({console.duration(options.time_budget)}); "
             f"continue with: {resume_command(options)}"
         )
-    print(f"results: {options.results_dir}")
+    print(f"results: {study_folder(options)}")
     return 0

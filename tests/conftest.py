@@ -25,8 +25,9 @@ from study import synthetic  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# pytester: for the test of the rules below; tests.studies: the shared study fixtures.
-pytest_plugins = ["pytester", "tests.studies"]
+# pytester: for the test of the rules below; tests.studies: the shared study fixtures;
+# tests.buckets: the S3-compatible server.
+pytest_plugins = ["pytester", "tests.studies", "tests.buckets"]
 
 # With STUDY_NO_SKIPS=1 (set by .ci/run) a skipped test fails the run, unless its reason
 # holds one of these: CI installs every package the tests need and has ../shared/data, so
@@ -53,6 +54,7 @@ SHARED_FIXTURES = {
     "study_folder": "analysis study",
     "backend_values": "loss values",
     "local_ray": "local ray",
+    "s3_server": "bucket",
 }
 
 

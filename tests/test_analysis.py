@@ -2,6 +2,7 @@
 study (generated data, narrow model)."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -234,6 +235,30 @@ def test_notebook_runs_headlessly(study_folder, tmp_path):
     printed_accuracy = float(re.search(r"validation accuracy: ([0-9.]+)", printed).group(1))
     assert printed_accuracy == pytest.approx(reported.iloc[-1], abs=5e-5)
     assert printed_accuracy > 0.2  # 10 classes: chance is 0.1.
+
+
+def test_the_notebook_opened_from_analysis_finds_the_newest_study(study_folder, tmp_path):
+    """As a user opens it: from the analysis/ folder of a project whose results/ holds two
+    studies, with nothing set; it opens the one written to last."""
+    project = tmp_path / "project"
+    (project / "analysis").mkdir(parents=True)
+    shutil.copy(REPO / "analysis" / "best_trials.ipynb", project / "analysis")
+    for name in ("older", "newer"):
+        shutil.copytree(study_folder, project / "results" / name)
+    older = project / "results" / "older" / "trials.csv"
+    os.utime(older, (older.stat().st_atime, older.stat().st_mtime - 3600))
+    notebook = nbformat.read(project / "analysis" / "best_trials.ipynb", as_version=4)
+    assert "RESULTS_DIR = None" in notebook.cells[0].source
+    notebook.cells = notebook.cells[:5]  # The study and its leaderboard.
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3",
+        resources={"metadata": {"path": project / "analysis"}},
+    )  # fmt: skip
+    client.execute()
+    printed = "".join(
+        output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
+    )
+    assert f"study: {project / 'results' / 'newer'}" in printed
 
 
 def test_confirmation_in_the_report_and_leaderboard(study_folder, tmp_path):
