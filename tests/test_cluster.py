@@ -114,8 +114,9 @@ def test_a_study_in_a_bucket_survives_a_lost_node_and_a_lost_driver(
     """Two nodes (a head and a worker, each its own temp folder), a study whose storage
     is the bucket: the worker node is killed under a trial, which goes on on the head from
     its checkpoint in the bucket; then the driver is killed and every local folder of the
-    study deleted; `--resume` from a fresh folder with only the bucket finishes it. Then
-    `--confirm` and the report, each from a fresh folder, from the URI."""
+    study deleted; `--resume` from a fresh folder with only the bucket finishes it, grown to
+    7 trials on the way. Then `--confirm`, the report and the notebook, each from a fresh
+    folder, from the URI."""
     port = free_port()
     head_env = nodes("head", "--head", f"--port={port}")
     address = f"127.0.0.1:{port}"
@@ -170,14 +171,16 @@ def test_a_study_in_a_bucket_survives_a_lost_node_and_a_lost_driver(
 
     second = tmp_path / "second"
     second.mkdir()
-    out = _finish(_driver(["--resume", *common], second, env, tmp_path / "second.log"),
-                  tmp_path / "second.log")  # fmt: skip
+    # Resumed, and grown by a trial on the way: both from the bucket alone.
+    resume = ["--resume", "--num-samples", "7", *common]
+    out = _finish(_driver(resume, second, env, tmp_path / "second.log"), tmp_path / "second.log")
     assert "Per loss.name, ranked" in out and f"results: {uri}/bucket" in out
     folder = second / "results" / "bucket"
     trials = read_trials(folder)
     epochs = pd.read_csv(folder / "epochs.csv", dtype={"trial_id": str})
     studied = trials[trials.status != "orphaned"]
-    assert len(studied) == 6 and not trials.status.isin(["running", "pending"]).any()
+    assert len(studied) == 7 and not trials.status.isin(["running", "pending"]).any()
+    assert yaml.safe_load((folder / "config.yaml").read_text())["search"]["num_samples"] == 7
     assert set(studied.status) <= {"completed", "early_stopped"}
     _each_epoch_once(trials, epochs)
     row = trials.set_index("trial_id").loc[victim.trial_id]
