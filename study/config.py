@@ -107,6 +107,12 @@ class LossConfig(_Section):
     name: str = "categorical_crossentropy"
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     focal_gamma: float = Field(default=2.0, ge=0, le=10)
+    # rescaled_square only (Hui & Belkin, 2021): the weight k and the target M of the true
+    # class. Their 1,000-class tasks used k = 15, M = 30; for 100 classes, k = 1 (no extra
+    # weight) and M = 15 (docs/reference.md says why); for 10 classes they rescaled nothing
+    # (k = M = 1).
+    square_k: float = Field(default=1.0, gt=0, le=100)
+    square_m: float = Field(default=15.0, gt=0, le=100)
     # "auto": each loss gets the head it is meant for (see study/losses.py).
     # "softmax": a softmax head for every loss, as the 2020 notebook had.
     head: Literal["auto", "softmax"] = "auto"

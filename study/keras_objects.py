@@ -76,3 +76,24 @@ class OnSoftmax(keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), "inner": keras.losses.serialize(self.inner)}
+
+
+@keras.saving.register_keras_serializable(package="study")
+class RescaledSquare(keras.losses.Loss):
+    """Hui & Belkin's square loss for many classes (ICLR 2021), on raw class scores f with
+    one-hot targets y: per image, k * (f_true - M)^2 plus the sum over the other classes
+    of f^2, summed over the classes (Keras's MeanSquaredError averages over them, which
+    divides the gradient by the number of classes). k = M = 1 is the plain summed square
+    loss."""
+
+    def __init__(self, k: float = 1.0, m: float = 15.0, **kwargs):
+        super().__init__(**kwargs)
+        self.k, self.m = k, m
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, y_pred.dtype)
+        weight = 1.0 + (self.k - 1.0) * y_true  # k on the true class, 1 elsewhere.
+        return ops.sum(weight * ops.square(y_pred - self.m * y_true), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k, "m": self.m}

@@ -45,6 +45,12 @@ def _crammer_singer(config):
     return CrammerSingerHinge(name="categorical_hinge")
 
 
+def _rescaled_square(config):
+    from study.keras_objects import RescaledSquare
+
+    return RescaledSquare(k=config.square_k, m=config.square_m, name="rescaled_square")
+
+
 def _keras_loss(class_name):
     def build(config):
         from keras import losses
@@ -61,6 +67,9 @@ LOSSES: dict[str, LossSpec] = {
     # The square loss on linear scores against one-hot targets (Hui & Belkin, 2021), which
     # trains about as well as cross-entropy; with `loss.head: softmax` it is the Brier score.
     "mean_squared_error": LossSpec("linear", "one_hot", False, _keras_loss("MeanSquaredError")),
+    # The same square loss as its authors train it for many classes: summed over the
+    # classes, with weight k and target M on the true class (loss.square_k, square_m).
+    "rescaled_square": LossSpec("linear", "one_hot", False, _rescaled_square),
     # log(1 + p) needs p > -1: it is defined on probabilities, so it keeps the softmax.
     "mean_squared_logarithmic_error": LossSpec(
         "softmax", "one_hot", False, _keras_loss("MeanSquaredLogarithmicError")

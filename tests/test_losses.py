@@ -47,6 +47,8 @@ REFERENCES = {
     "hinge": lambda y, out: np.maximum(0, 1 - _signed(y) * out).mean(),
     "squared_hinge": lambda y, out: (np.maximum(0, 1 - _signed(y) * out) ** 2).mean(),
     "categorical_hinge": _crammer_singer,
+    # Hui & Belkin's rescaled square loss at this module's defaults (k 1, M 15), summed.
+    "rescaled_square": lambda y, out: ((out - 15.0 * y) ** 2).sum(axis=1).mean(),
 }
 
 # Each case: the loss config, and the labels and class scores the network outputs (the
@@ -72,6 +74,11 @@ CASES = {
         SCORES,
     ),
     "focal, gamma 0": (LossConfig(name="focal", focal_gamma=0.0), LABELS, SCORES),
+    "rescaled_square, k 4, M 2": (
+        LossConfig(name="rescaled_square", square_k=4.0, square_m=2.0),
+        LABELS,
+        SCORES,
+    ),
     "categorical_hinge, all wrong scores negative": (
         LossConfig(name="categorical_hinge"),
         np.array([0]),
@@ -90,6 +97,14 @@ EXPECTED = {
     "categorical_crossentropy, smoothing 0.1": _cce(ONE_HOT, PROBS, 0.1),
     "focal, gamma 0.5, smoothing 0.2": _focal(ONE_HOT, PROBS, gamma=0.5, smoothing=0.2),
     "focal, gamma 0": _cce(ONE_HOT, PROBS),  # gamma = 0 makes the focal loss cross-entropy.
+    # By hand: k (f_true - M)^2 plus the other classes' f^2, per image, then the mean.
+    "rescaled_square, k 4, M 2": np.mean(
+        [
+            4.0 * (SCORES[i, LABELS[i]] - 2.0) ** 2
+            + sum(SCORES[i, j] ** 2 for j in range(K) if j != LABELS[i])
+            for i in range(len(LABELS))
+        ]
+    ),
     "categorical_hinge, all wrong scores negative": max(0.0, 1 - 2.0 - 0.5),
 }
 
@@ -127,7 +142,7 @@ def test_heads_and_targets_as_documented():
     assert heads["categorical_crossentropy"] == heads["focal"] == "softmax"
     assert heads["mean_squared_logarithmic_error"] == "softmax"
     assert heads["hinge"] == heads["squared_hinge"] == heads["categorical_hinge"] == "linear"
-    assert heads["mean_squared_error"] == "linear"
+    assert heads["mean_squared_error"] == heads["rescaled_square"] == "linear"
     assert LOSSES["hinge"].targets == "signed" and LOSSES["categorical_hinge"].targets == "one_hot"
     for name in LOSSES:
         assert head_for(LossConfig(name=name, head="softmax")) == "softmax"

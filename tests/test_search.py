@@ -34,6 +34,7 @@ def test_default_space_searches_what_the_study_promises():
         "categorical_crossentropy",
         "focal",
         "mean_squared_error",
+        "rescaled_square",
         "mean_squared_logarithmic_error",
         "hinge",
         "squared_hinge",
@@ -100,18 +101,18 @@ def test_stratified_searcher_shares_models_and_optuna_states(tmp_path):
     """Every loss gets its share of the trials, interleaved, from its own Optuna study
     (so hinge's learning rate is not chosen from cross-entropy's results), and Optuna's
     record says how each trial ended: PRUNED when stopped early, FAIL when diverged."""
-    study = load_study(DEFAULT, ["search.num_samples=23"])
+    study = load_study(DEFAULT, ["search.num_samples=27"])
     search = study.search
     assert search.stratify == "loss.name"
     shares = search.shares()
     assert list(shares)[0] == "categorical_crossentropy"  # The baseline's stratum first.
-    assert sum(shares.values()) == 23 and sorted(set(shares.values())) == [3, 4]
+    assert sum(shares.values()) == 27 and sorted(set(shares.values())) == [3, 4]
     searcher = make_searcher(search, tmp_path, "strata", max_epochs=4)
-    suggested = [searcher.suggest(f"t{i}") for i in range(23)]
-    assert searcher.suggest("t23") is searcher.FINISHED
+    suggested = [searcher.suggest(f"t{i}") for i in range(27)]
+    assert searcher.suggest("t27") is searcher.FINISHED
     losses = [params["loss.name"] for params in suggested]
     assert {loss: losses.count(loss) for loss in shares} == shares
-    assert set(losses[:7]) == set(shares)  # Interleaved: each loss once before any twice.
+    assert set(losses[:8]) == set(shares)  # Interleaved: each loss once before any twice.
     assert {k: suggested[0][k] for k in search.baseline} == search.baseline
     for params in suggested:  # Label smoothing only where the loss defines it; else empty.
         smoothed = params["loss.name"] in ("categorical_crossentropy", "focal")
@@ -140,15 +141,15 @@ def test_stratified_searcher_shares_models_and_optuna_states(tmp_path):
 
 
 def test_a_resumed_searcher_keeps_its_shares(tmp_path):
-    search = load_study(DEFAULT, ["search.num_samples=7"]).search
+    search = load_study(DEFAULT, ["search.num_samples=8"]).search
     searcher = make_searcher(search, tmp_path, "resume", max_epochs=4)
     first = [searcher.suggest(f"t{i}")["loss.name"] for i in range(3)]
     searcher.save(str(tmp_path / "searcher.pkl"))
     restored = make_searcher(search, tmp_path, "resume", max_epochs=4)
     restored.restore(str(tmp_path / "searcher.pkl"))
-    rest = [restored.suggest(f"t{i}")["loss.name"] for i in range(3, 7)]
+    rest = [restored.suggest(f"t{i}")["loss.name"] for i in range(3, 8)]
     assert sorted(first + rest) == sorted(search.space["loss.name"].choice)
-    assert restored.suggest("t7") is restored.FINISHED
+    assert restored.suggest("t8") is restored.FINISHED
     restored.on_trial_complete("t0", {"epoch": 4, "val_accuracy": 0.5})  # Known after restore.
     stored = optuna.load_study(
         study_name="resume/categorical_crossentropy", storage=f"sqlite:///{tmp_path}/optuna.db"
@@ -218,7 +219,7 @@ def test_stratify_defaults_follow_the_space_and_bad_keys_are_refused():
         ("search.stratify=model.conv_dropout", "search.stratify: 'model.conv_dropout' is not"),
         ("search.stratify=loss.label_smoothing", "is not a choice of search.space"),
         ("search.stratify=nope.key", "allowed: loss.name, optimizer.name"),
-        ("search.num_samples=6", "search.num_samples: 6 is fewer than the 7 values"),
+        ("search.num_samples=7", "search.num_samples: 7 is fewer than the 8 values"),
     ]:
         with pytest.raises(ConfigError, match=expected):
             load_study(DEFAULT, [override])

@@ -460,3 +460,25 @@ def test_a_slow_starter_that_learns_is_not_called_dead(tmp_path):
     band = 0.1 + 3 * math.sqrt(0.1 * 0.9 / 3488)  # Training images trained each epoch.
     assert float(rows[1]["accuracy"]) <= band  # As slow as a dead one in training ...
     assert max(float(row["val_accuracy"]) for row in rows) > 0.14  # ... but learning.
+
+
+@pytest.mark.slow
+def test_the_rescaled_square_loss_learns_real_images(tmp_path):
+    """Hui & Belkin's square loss as configured for CIFAR-10 (their 10-class setting, k and
+    M 1, summed over classes) on the real sample: validation accuracy at least twice
+    chance after a few epochs of a narrow network."""
+    path = shared_sample("cifar-10-sample.tar.gz")
+    config = load_config(
+        None,
+        [
+            "data.dataset=cifar10", "data.validation_size=500", "model.width=0.125",
+            "training.epochs=4", "training.batch_size=64", "loss.name=rescaled_square",
+            "loss.square_k=1", "loss.square_m=1", "optimizer.learning_rate=1e-3",
+        ],
+    )  # fmt: skip
+    sink = RecordingSink()
+    outcome = train_and_evaluate(
+        config, data_lib.load_cifar("cifar10", path), sink, evaluate_test=False
+    )
+    assert outcome.status == "completed"
+    assert max(metrics["val_accuracy"] for metrics, _ in sink.reports) >= 0.2
