@@ -25,7 +25,7 @@ from study.losses import LOSSES  # noqa: E402
 from study.search_config import OPTUNA_FILE  # noqa: E402
 
 COLOURS = dict(zip(LOSSES, plt.get_cmap("tab10").colors, strict=False))
-MARKERS = dict(zip(LOSSES, "osD^vP*", strict=True))
+MARKERS = dict(zip(LOSSES, "osDX^vP*", strict=True))
 
 
 # Fewer full-budget trials than this say nothing about which keys matter.

@@ -9,10 +9,16 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from analysis import figures
-from analysis.confirmation import lost_seeds
+from analysis import figures, learning, reliability
+from analysis.confirmation import (
+    BESIDE_ACCURACY,
+    NO_SPLIT,
+    calibration_summary,
+    lost_seeds,
+)
 from analysis.results import (
     BEST,
     AnalysisError,
@@ -28,6 +34,7 @@ from analysis.results import (
     trial_config,
 )
 from study.config import METRIC
+from study.confirm import reference_value
 from study.data import DataError
 
 IMPORTANCE_NOTE = (
@@ -129,6 +136,13 @@ def _leaderboard_section(results: StudyResults, lines: list[str]) -> None:
         lines.append(
             f"\n- **Not ranked: {row[key]}** ({why}{diverged}; {row['epochs_spent']} epochs spent)"
         )
+    stopped = learning.stopped_at_rungs(results)
+    if not stopped.empty:
+        lines.append(
+            f"\nWhat ASHA did per {key}: its trials stopped at each rung.\n\n{_table(stopped)}"
+        )
+    for line in learning.slow_starters(results):
+        lines.append(f"\n- **Slow starter: {line}.**")
     dead = dead_by_band(results.trials)
     if not dead.empty:
         lines.append(
@@ -202,6 +216,55 @@ def _confirmation_section(results: StudyResults, out: Path, lines: list[str]) ->
                 f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] {verdict}."
             )
     _figure(lines, "Confirmation", figures.confirmation_figure, results, out, heading=False)
+    _calibration_section(results, out, lines)
+
+
+def _calibration_section(results: StudyResults, out: Path, lines: list[str]) -> None:
+    key = results.key
+    table, differences = calibration_summary(
+        results.confirm, key, reference_value(results.config, key)
+    )
+    if table.empty:
+        return
+    lines.append(
+        "\n### Calibration and speed\n\nAccuracy is where losses differ least; how far their "
+        "probabilities can be trusted differs more. Per run, on the test set: the expected "
+        "calibration error (15 equal-width bins of the top probability; the sum over bins "
+        "of the bin's share of images times |its accuracy - its mean confidence|), the "
+        "negative log-likelihood and the Brier score (the sum over classes of the squared "
+        "difference to the one-hot label, mean over images). Every loss's probabilities are "
+        "the softmax of the network's class scores (for the hinge and square losses, whose "
+        "scores are no probabilities, the same rule). Temperature scaling divides the scores "
+        "by one temperature fitted on the validation split alone (NLL), then the ECE and "
+        "NLL are measured again. Epochs to 90%: the epochs a run needed to reach 90% of its "
+        "own final validation accuracy. Means over the chosen configuration's seeds with "
+        "95% t intervals:\n"
+    )
+    wide = table.assign(
+        value=[_with_interval(row) for row in table.to_dict("records")],
+        figure=table.figure.map(BESIDE_ACCURACY),
+    ).pivot(index=key, columns="figure", values="value")
+    lines.append(wide.reset_index().to_markdown(index=False))
+    if results.config.trial.data.validation == "test":
+        lines.append(f"\n_No temperature-scaled figures: {NO_SPLIT}._")
+    if not differences.empty:
+        resolved = differences[differences.resolved]
+        said = "; ".join(
+            f"{BESIDE_ACCURACY[row['figure']]}: {row[key]} - {row['versus']} "
+            f"{row['difference']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
+            for row in resolved.to_dict("records")
+        )
+        lines.append(
+            "\nDifferences to the reference, Welch's intervals Bonferroni-corrected per figure "
+            f"as accuracy's are; resolved: {said or 'none'}."
+        )
+    _figure(lines, "Reliability", reliability.reliability_figure, results, out, heading=False)
+
+
+def _with_interval(row: dict) -> str:
+    if np.isnan(row["ci_low"]):
+        return f"{row['mean']:.4f}"
+    return f"{row['mean']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
 
 
 def write_report(folder: Path | str, out: Path | None = None, data_dir: str | None = None) -> Path:

@@ -216,3 +216,32 @@ def calibration(
         )
     scaled = _figures(probabilities(test_scores, temperature), test_labels, "_scaled")
     return figures | {"temperature": temperature} | scaled
+
+
+# The calibration figures of a confirmation run, as confirm.csv holds them (test set).
+RUN_FIGURES = (
+    "test_ece", "test_nll", "test_brier", "temperature",
+    "test_ece_scaled", "test_nll_scaled", "test_brier_scaled",
+)  # fmt: skip
+RELIABILITY = "reliability"  # One run's reliability bins, as JSON.
+
+
+def run_figures(test_scores, test_labels, validation_scores=None, validation_labels=None):
+    """`calibration`'s figures under confirm.csv's names (test_ece, ..., temperature), and
+    the run's reliability bins on the test images at temperature 1 as JSON (counts,
+    correct counts and summed confidences, which add up over seeds)."""
+    import json
+
+    figures = calibration(test_scores, test_labels, validation_scores, validation_labels)
+    named = {
+        name if name == "temperature" else f"test_{name}": value for name, value in figures.items()
+    }
+    probability_matrix = probabilities(test_scores)
+    bins = reliability(probability_matrix, test_labels)
+    counts = bins["count"].astype(int)
+    summed = {
+        "count": counts.tolist(),
+        "correct": np.round(np.nan_to_num(bins["accuracy"]) * counts).astype(int).tolist(),
+        "confidence": (np.nan_to_num(bins["confidence"]) * counts).round(6).tolist(),
+    }
+    return named | {RELIABILITY: json.dumps(summed)}

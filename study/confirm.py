@@ -14,10 +14,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.confirmation import REFERENCE_LOSS, format_summary, read_confirm, summary
+from analysis.confirmation import (
+    NO_SPLIT,
+    REFERENCE_LOSS,
+    calibration_summary,
+    format_calibration,
+    format_summary,
+    read_confirm,
+    summary,
+)
 from study import results, storage
+from study.calibration import RELIABILITY, RUN_FIGURES
 from study.config import METRIC, MODE, ConfigError, config_values, flatten, from_params, validate
-from study.results import CONFIRM_DIR, CONFIRM_FILE
+from study.results import CONFIRM_DIR, CONFIRM_FILE, EPOCHS_TO_90
 from study.search_config import StudyConfig, load_study
 from study.tuning import (
     CONFIG_FILE,
@@ -46,6 +55,9 @@ RUN_COLUMNS = [
     "val_loss",
     "test_accuracy",
     "test_loss",
+    *RUN_FIGURES,  # Calibration on the test set (study/calibration.py).
+    EPOCHS_TO_90,
+    RELIABILITY,
 ]
 
 
@@ -159,10 +171,25 @@ def _recorder_class():
 
         def _save(self) -> None:
             super()._save()
+            for trial_id, row in self.trials.items():
+                row[EPOCHS_TO_90] = epochs_to_reach(self.epochs, trial_id)
             rows = confirm_rows(self.trials, self.key)
             results.write_csv(self.results_dir.parent / CONFIRM_FILE, rows)
 
     return ConfirmRecorder
+
+
+def epochs_to_reach(epochs: list[dict], trial_id: str, share: float = 0.9) -> int | None:
+    """The first epoch at which a run's validation accuracy reached `share` of its own
+    last epoch's (once each epoch, its first run of it); None before it has an epoch."""
+    rows = sorted(
+        (row for row in epochs if row["trial_id"] == trial_id and not row.get("rerun")),
+        key=lambda row: row["epoch"],
+    )
+    if not rows:
+        return None
+    target = share * rows[-1][METRIC]
+    return next(int(row["epoch"]) for row in rows if row[METRIC] >= target)
 
 
 def confirm_rows(trials: dict[str, dict], key: str) -> list[dict]:
@@ -223,6 +250,12 @@ def run_confirm(options: StudyOptions, seeds: int, top_per_loss: int) -> int:
     confirm = read_confirm(results_dir / CONFIRM_FILE)
     tables = summary(confirm, key, reference_value(study, key))
     print("\n" + format_summary(*tables, key))
+    if beside := format_calibration(
+        *calibration_summary(confirm, key, reference_value(study, key)), key
+    ):
+        print(beside)
+        if study.trial.data.validation == "test":
+            print(f"  (no temperature: {NO_SPLIT})")
     for note in notes:  # Again, under the table: what the comparison leaves out.
         print(f"note: {note}")
     for line in failed_trials(confirm_dir):

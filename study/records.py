@@ -15,6 +15,7 @@ import pandas as pd
 from ray import tune
 
 from study import results
+from study.calibration import RELIABILITY, RUN_FIGURES
 from study.config import METRIC, TIMINGS, flatten, from_params
 from study.results import EPOCHS_FILE, TRIALS_FILE
 from study.statuses import DEAD, ORPHANED, UNFINISHED
@@ -167,7 +168,7 @@ class StudyRecorder(tune.Callback):
         row["last_val_loss"] = result.get("val_loss")
         if result[METRIC] >= row.get("best_val_accuracy", float("-inf")):
             row.update(best_val_accuracy=result[METRIC], best_epoch=epoch)
-        for key in ("test_accuracy", "test_loss"):
+        for key in ("test_accuracy", "test_loss", *RUN_FIGURES, RELIABILITY):
             if key in result:
                 row[key] = result[key]
         self._save()

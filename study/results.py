@@ -20,6 +20,9 @@ EPOCHS_FILE = "epochs.csv"  # One row per reported epoch.
 OPTUNA_FILE = "optuna.db"  # The Optuna studies (SQLite), one per stratum.
 CONFIRM_DIR = "confirm"  # The confirmation's Ray experiment, with its own tables.
 CONFIRM_FILE = "confirm.csv"  # One row per confirmation run.
+# A confirmation run's epochs to reach 90% of its own final validation accuracy: how fast
+# a loss learns, beside how well (a column of confirm.csv).
+EPOCHS_TO_90 = "epochs_to_90"
 STUDY_FILES = (
     CONFIG_FILE, TRIALS_FILE, EPOCHS_FILE, OPTUNA_FILE, CONFIRM_FILE,
     f"{CONFIRM_DIR}/{TRIALS_FILE}", f"{CONFIRM_DIR}/{EPOCHS_FILE}",

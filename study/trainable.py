@@ -18,7 +18,7 @@ from pathlib import Path
 
 import keras
 
-from study import backend, health
+from study import backend, calibration, health
 from study import data as data_lib
 from study.config import (
     COMPILE_SECONDS,
@@ -306,9 +306,25 @@ def _restore_first(config: TrialConfig, build, checkpoints):
     return model, 0, None, failed
 
 
-def _evaluate(model: keras.Model, batches) -> dict:
-    logs = model.evaluate(backend.fit_input(batches)[0], verbose=0, return_dict=True)
-    return {"test_loss": float(logs["loss"]), "test_accuracy": float(logs["accuracy"])}
+def _scores(model: keras.Model, batches: Batches):
+    """The model's class scores for each image of evaluation `batches`, in order (the
+    padding left out)."""
+    import numpy as np
+
+    scores = model.predict(backend.fit_input(batches)[0], verbose=0)
+    return np.asarray(scores, dtype="float64")[: len(batches.labels)]
+
+
+def _evaluate(model: keras.Model, setup: TrialSetup) -> dict:
+    """Test loss and accuracy, and the calibration of the scores' softmax on the test set
+    (study/calibration.py), with a temperature fitted on the validation split where there
+    is one (a config that validates on the test set has none to fit it on)."""
+    logs = model.evaluate(backend.fit_input(setup.test)[0], verbose=0, return_dict=True)
+    test = {"test_loss": float(logs["loss"]), "test_accuracy": float(logs["accuracy"])}
+    split = setup.config.data.validation == "split"
+    validation = (_scores(model, setup.validation), setup.validation.labels) if split else ()
+    figures = calibration.run_figures(_scores(model, setup.test), setup.test.labels, *validation)
+    return test | figures
 
 
 def train_and_evaluate(
@@ -348,7 +364,7 @@ def train_and_evaluate(
         # records it once), train nothing.
         print(f"checkpoint holds the last epoch ({initial_epoch}): nothing to train")
         final = read_state(restored).get("metrics")
-        test = _evaluate(model, setup.test) if evaluate_test else {}
+        test = _evaluate(model, setup) if evaluate_test else {}
         if final:
             sink.report({**final, **test, REPLAYED: True}, None)
         return Outcome("completed", [final] if final else [], test=test)
@@ -369,7 +385,7 @@ def train_and_evaluate(
         return Outcome("diverged", reporter.history, message=message)
     if reporter.dead:  # Its last epoch went out with the verdict; no test for it.
         return Outcome(health.DEAD, reporter.history, message=reporter.dead)
-    test_metrics = _evaluate(model, setup.test) if evaluate_test else {}
+    test_metrics = _evaluate(model, setup) if evaluate_test else {}
     if reporter.final is not None:
         metrics, final_checkpoint = reporter.final
         metrics.update(test_metrics)

@@ -184,6 +184,58 @@ def test_asha_savings_and_full_budget_only_importance(study_folder, tmp_path):
     assert sum(scores.values()) == pytest.approx(1.0)
 
 
+def test_asha_rungs_per_loss_and_a_slow_starter_are_named(study_folder, tmp_path):
+    """The study read as ASHA's (rungs at epochs 1 and 2 of 4), two trials stopped at the
+    first rung, and a confirmation of another trial of the same loss: per loss, the
+    trials stopped at each rung; and the loss named a slow starter where its confirmed
+    configuration scored below a trial that ASHA stopped at the first rung."""
+    from analysis import learning
+
+    copy = tmp_path / "slow"
+    shutil.copytree(study_folder, copy, ignore=shutil.ignore_patterns("trial_*"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["search"].update(scheduler="asha", grace_period=1, reduction_factor=2)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    stopped = _stop_early(copy, 2)
+    trials = pd.read_csv(copy / "trials.csv", dtype={"trial_id": str})
+    epochs = pd.read_csv(copy / "epochs.csv", dtype={"trial_id": str})
+    # The confirmed one: a full-budget trial of the first stopped trial's loss, its epoch 1
+    # made worse than the stopped one's.
+    first = trials[trials.trial_id.isin(stopped)].iloc[0]
+    loss = first["loss.name"]
+    candidates = trials[(trials["loss.name"] == loss) & (trials.status == "completed")]
+    if candidates.empty:  # Its only trial was stopped: make another loss's its partner.
+        candidates = trials[trials.status == "completed"]
+        trials.loc[trials.trial_id == candidates.trial_id.iloc[0], "loss.name"] = loss
+        trials.to_csv(copy / "trials.csv", index=False)
+    confirmed = candidates.trial_id.iloc[0]
+    at_one = (epochs.trial_id == first.trial_id) & (epochs.epoch == 1)
+    mine = (epochs.trial_id == confirmed) & (epochs.epoch == 1)
+    epochs.loc[at_one, "val_accuracy"] = 0.5
+    epochs.loc[mine, "val_accuracy"] = 0.2
+    epochs.to_csv(copy / "epochs.csv", index=False)
+    rows = [
+        {"loss.name": loss, "config_id": confirmed, "seed": seed, "trial_id": f"c{seed}",
+         "status": "completed", "epochs": 4, "val_accuracy": 0.4, "val_loss": 1.0,
+         "test_accuracy": 0.4 + seed / 100, "test_loss": 1.0}
+        for seed in (1, 2)
+    ]  # fmt: skip
+    pd.DataFrame(rows).to_csv(copy / "confirm.csv", index=False)
+    results = load(copy)
+    assert learning.rungs(results) == [1, 2]
+    table = learning.stopped_at_rungs(results).set_index("loss.name")
+    for value, group in pd.read_csv(copy / "trials.csv").groupby("loss.name"):
+        assert table.loc[value, "stopped at epoch 1"] == group.trial_id.isin(stopped).sum()
+        assert table.loc[value, "stopped at epoch 2"] == 0
+        assert table.loc[value, "full budget"] == (group.epochs_run == 4).sum()
+    [line] = learning.slow_starters(results)
+    assert line.startswith(f"{loss} starts slowly: at the first rung (epoch 1)")
+    assert re.search(r"scored 0\.2000, below [12] of the [12] trials that ASHA stopped", line)
+    report = write_report(copy, tmp_path / "out").read_text()
+    assert "What ASHA did per loss.name: its trials stopped at each rung." in report
+    assert f"**Slow starter: {loss} starts slowly" in report
+
+
 def test_missing_pieces_give_a_partial_report(study_folder, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(study_folder, copy)
@@ -277,7 +329,14 @@ def test_confirmation_in_the_report_and_leaderboard(study_folder, tmp_path):
         {
             "loss": loss, "config_id": trial_id, "seed": seed, "trial_id": f"{loss[:4]}{seed}",
             "status": "completed", "epochs": 4, "val_accuracy": accuracy, "val_loss": 1.0,
-            "test_accuracy": accuracy, "test_loss": 1.0,
+            "test_accuracy": accuracy, "test_loss": 1.0, "test_ece": 0.3 - accuracy / 2,
+            "test_nll": 2.0, "test_brier": 0.6, "temperature": 1.4,
+            "test_ece_scaled": 0.05, "test_nll_scaled": 1.8, "epochs_to_90": seed + 1,
+            # 10 test images in the top two bins: 8 right at 0.9, then 2 wrong at 0.95.
+            "reliability": json.dumps({
+                "count": [0] * 13 + [8, 2], "correct": [0] * 13 + [8, 0],
+                "confidence": [0] * 13 + [7.2, 1.9],
+            }),
         }
         for loss, trial_id in zip(best["loss.name"], best.trial_id, strict=True)
         for seed, accuracy in enumerate(accuracies[loss], start=1)
@@ -309,6 +368,10 @@ def test_confirmation_in_the_report_and_leaderboard(study_folder, tmp_path):
     if "hinge" in set(best["loss.name"]):  # The baseline makes cross-entropy certain.
         assert "hinge - categorical_crossentropy" in report
         assert "is resolved: hinge is worse than categorical_crossentropy" in report
+    # Calibration and speed beside accuracy, and a reliability diagram per loss.
+    assert "### Calibration and speed" in report and "ECE after temperature scaling" in report
+    assert "epochs to 90% of final val accuracy" in report and "](reliability.png)" in report
+    _is_png(tmp_path / "out" / "reliability.png")
 
 
 def test_predictions_feed_each_model_the_input_it_was_saved_with(tmp_path):

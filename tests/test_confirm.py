@@ -1,6 +1,7 @@
 """The confirmation phase: which configurations it picks, its intervals against a reference
 computation, and a real run (study, then confirmation killed and resumed) on generated data."""
 
+import json
 import math
 
 import numpy as np
@@ -226,3 +227,73 @@ def test_seed_grid_then_confirmation_killed_and_resumed(confirmed_study):
         if values[0] == values[1]:  # Two seeds alike (hinge at chance, say): no spread.
             interval = "[no interval: every seed gave the same]"
         assert f"{loss:32s} {mean:.4f}  {interval}" in resumed.stdout
+    # Calibration on the test set, each run's figures checked against what else it wrote.
+    for run in runs.to_dict("records"):
+        bins = json.loads(run["reliability"])
+        count, correct = np.array(bins["count"]), np.array(bins["correct"])
+        # The ECE again from the run's own bins: the sum of |correct - confidence| / N.
+        gap = np.abs(correct - np.array(bins["confidence"])).sum() / count.sum()
+        assert run["test_ece"] == pytest.approx(gap, abs=1e-5)
+        assert correct.sum() / count.sum() == pytest.approx(run["test_accuracy"], abs=1e-6)
+        assert 0 <= run["test_brier"] <= 2 and run["test_nll"] > 0
+        if run["loss.name"] == "categorical_crossentropy":  # Its loss is that NLL.
+            assert run["test_nll"] == pytest.approx(run["test_loss"], rel=1e-3)
+    # seed.yaml validates on the test set: no split to fit a temperature on.
+    assert runs.temperature.isna().all() and runs.test_ece_scaled.isna().all()
+    assert "(no temperature: this study validates on the test set" in resumed.stdout
+    assert "ECE (15 bins):" in resumed.stdout
+    assert runs.epochs_to_90.between(1, 2).all()
+
+
+def test_calibration_and_speed_get_intervals_and_corrected_differences():
+    """ECE and epochs to 90% of each loss's chosen configuration, mean over seeds with its
+    t interval, and the differences to cross-entropy, Bonferroni-corrected per figure."""
+    frame = _confirm_frame(
+        {
+            "categorical_crossentropy": [0.50, 0.52, 0.51],
+            "hinge": [0.30, 0.32, 0.31],
+            "focal": [0.50, 0.51, 0.52],
+        }  # fmt: skip
+    )
+    ece = {"categorical_crossentropy": [0.10, 0.12, 0.11], "hinge": [0.40, 0.42, 0.41],
+           "focal": [0.05, 0.06, 0.04]}  # fmt: skip
+    frame["test_ece"] = [value for loss in ece for value in ece[loss]]
+    frame["epochs_to_90"] = [3, 4, 3, 8, 9, 8, 2, 2, 3]
+    frame["temperature"] = [1.5] * 9
+    frame["test_ece_scaled"] = None  # As where no split was there to fit it on.
+    table, differences = confirmation.calibration_summary(frame)
+    assert set(table.figure) == {"test_ece", "epochs_to_90", "temperature"}
+    row = table[(table.figure == "test_ece") & (table["loss.name"] == "hinge")].iloc[0]
+    values = np.array(ece["hinge"])
+    half = scipy_stats.t.ppf(0.975, 2) * values.std(ddof=1) / np.sqrt(3)
+    assert row["mean"] == pytest.approx(0.41) and row.ci_high == pytest.approx(0.41 + half)
+    found = differences[differences.figure == "test_ece"].set_index("loss.name")
+    # Two comparisons: each at 97.5%; Welch's interval of hinge - cross-entropy.
+    welch = scipy_stats.ttest_ind(values, ece["categorical_crossentropy"], equal_var=False)
+    low, high = welch.confidence_interval(0.975)
+    assert found.loc["hinge", "difference"] == pytest.approx(0.30)
+    assert (found.loc["hinge", "ci_low"], found.loc["hinge", "ci_high"]) == pytest.approx(
+        (low, high)
+    )
+    assert found.loc["hinge", "resolved"] and found.loc["hinge", "versus"] == (
+        "categorical_crossentropy"
+    )
+    text = confirmation.format_calibration(table, differences)
+    assert "ECE (15 bins):" in text and "epochs to 90% of final val accuracy:" in text
+    assert "ECE after temperature scaling" not in text  # No run has it.
+
+
+def test_epochs_to_reach_90_percent_of_the_final_accuracy():
+    from study.confirm import epochs_to_reach
+
+    epochs = [
+        {"trial_id": "a", "epoch": 1, "val_accuracy": 0.20},
+        {"trial_id": "a", "epoch": 2, "val_accuracy": 0.46},
+        {"trial_id": "a", "epoch": 3, "val_accuracy": 0.40},
+        {"trial_id": "a", "epoch": 3, "val_accuracy": 0.99, "rerun": 1},  # Not counted.
+        {"trial_id": "a", "epoch": 4, "val_accuracy": 0.50},
+        {"trial_id": "b", "epoch": 1, "val_accuracy": 0.10},
+    ]
+    assert epochs_to_reach(epochs, "a") == 2  # 0.46 >= 0.9 * 0.50.
+    assert epochs_to_reach(epochs, "b") == 1
+    assert epochs_to_reach(epochs, "c") is None
