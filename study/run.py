@@ -20,12 +20,12 @@ from study.config import ConfigError
 from study.data import DataError
 from study.health import DEAD
 from study.results import check_folder
-from study.search_config import load_study
+from study.search_config import default_config, load_study
 from study.storage import is_uri
 
 # Without --config: the study defaults, with the search space (works from any directory
 # with the editable install that the README uses).
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+DEFAULT_CONFIG = default_config()
 
 HELP = """\
 Which loss, optimizer and regularisation train this CIFAR CNN best? A study searches them

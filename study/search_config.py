@@ -34,6 +34,18 @@ from study.config import (
 )
 from study.results import CONFIG_FILE, OPTUNA_FILE  # noqa: F401  Imported from here too.
 
+
+def default_config() -> Path:
+    """configs/default.yaml: in the checkout, or as the installed package's data
+    (study.configs) where the package was installed from a wheel."""
+    checkout = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    if checkout.is_file():
+        return checkout
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("study.configs") / "default.yaml"))
+
+
 # Data-parallel training is not built: a trial given two GPUs would train on one.
 ONE_GPU = "a trial trains on one GPU, so at most 1 (fractions such as 0.25 pack trials on a GPU)"
 # Trials that share a GPU when neither --gpus-per-trial nor search.gpus_per_trial says:

@@ -10,6 +10,7 @@ those tools read and checked before anything starts. A study's trials reach them
 Ray's own callbacks (study/callbacks.py); a local run through `LocalTrackers`, here.
 """
 
+import importlib.util
 import math
 import os
 import socket
@@ -70,7 +71,10 @@ class Trackers:
     def lines(self, logdir=None) -> list[str]:
         """How to open the run in each tool, printed at its end (TensorBoard reads `logdir`,
         by default the run's folder)."""
-        lines = [f"TensorBoard: tensorboard --logdir {logdir or self.folder}"]
+        board = f"TensorBoard: tensorboard --logdir {logdir or self.folder}"
+        if importlib.util.find_spec("tensorboard") is None:
+            board += "  (TensorBoard itself comes with the viz extra: pip install -e '.[viz]')"
+        lines = [board]
         if "mlflow" in self.names:
             lines.append(f"MLflow: mlflow ui --backend-store-uri {self.mlflow_uri}")
         if "wandb" in self.names and self.wandb_mode in WANDB_ONLINE:

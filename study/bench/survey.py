@@ -32,9 +32,9 @@ from study.config import ConfigError, from_params
 from study.console import native_stderr_filtered
 from study.data import DataError
 from study.health import DEAD, chance_band
-from study.search_config import DefineByRun, StudyConfig, load_study
+from study.search_config import DefineByRun, StudyConfig, default_config, load_study
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+DEFAULT_CONFIG = default_config()
 # Shown per row, beside the loss: the keys that most often decide whether a network lives.
 SHOWN = ("optimizer.name", "optimizer.learning_rate", "model.batch_norm", "training.batch_size")
 
