@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.confirmation import lost_seeds, lost_text  # noqa: E402
 from analysis.results import BEST, StudyResults, comparison, confirmation, leaderboard  # noqa: E402
 from study.config import METRIC  # noqa: E402
+from study.confirmation import lost_seeds, lost_text  # noqa: E402
 from study.losses import LOSSES  # noqa: E402
 from study.search_config import OPTUNA_FILE  # noqa: E402
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.confirmation import chosen_runs
 from analysis.figures import Skipped, _save, colour, plt
 from analysis.results import StudyResults
 from study.calibration import N_BINS, RELIABILITY
+from study.confirmation import chosen_runs
 
 
 def pooled_bins(runs) -> dict[str, np.ndarray]:

@@ -13,12 +13,6 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures, learning, reliability
-from analysis.confirmation import (
-    BESIDE_ACCURACY,
-    NO_SPLIT,
-    calibration_summary,
-    lost_seeds,
-)
 from analysis.results import (
     BEST,
     AnalysisError,
@@ -35,6 +29,12 @@ from analysis.results import (
 )
 from study.config import METRIC
 from study.confirm import reference_value
+from study.confirmation import (
+    BESIDE_ACCURACY,
+    NO_SPLIT,
+    calibration_summary,
+    lost_seeds,
+)
 from study.data import DataError
 
 IMPORTANCE_NOTE = (

@@ -14,20 +14,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.confirmation import (
+from study import files, storage
+from study.calibration import RELIABILITY, RUN_FIGURES
+from study.config import METRIC, MODE, ConfigError, config_values, flatten, from_params, validate
+from study.confirmation import (
     NO_SPLIT,
-    REFERENCE_LOSS,
     calibration_summary,
     format_calibration,
     format_summary,
     read_confirm,
+    reference_value,
     summary,
 )
-from study import results, storage
-from study.calibration import RELIABILITY, RUN_FIGURES
-from study.config import METRIC, MODE, ConfigError, config_values, flatten, from_params, validate
-from study.results import CONFIRM_DIR, CONFIRM_FILE, EPOCHS_TO_90
+from study.files import CONFIRM_DIR, CONFIRM_FILE, EPOCHS_TO_90, TRIALS_FILE
 from study.search_config import StudyConfig, load_study
+from study.tables import compared_key, compared_values
 from study.tuning import (
     CONFIG_FILE,
     StudyOptions,
@@ -64,25 +65,15 @@ RUN_COLUMNS = [
 def compared(study: StudyConfig) -> tuple[str, list]:
     """The key the confirmation compares (what the study stratified by, else the loss) and
     the values the space gives it."""
-    from analysis.results import compared_key
-
-    key = compared_key(study.search)
-    entry = study.search.space.get(key)
-    return key, list(entry.choice) if entry is not None and entry.kind == "choice" else []
-
-
-def reference_value(study: StudyConfig, key: str):
-    """What every other value is compared with: the baseline's value of the key (for the
-    loss, cross-entropy where there is no baseline); None: the best."""
-    return study.search.baseline.get(key, REFERENCE_LOSS if key == "loss.name" else None)
+    return compared_key(study.search), compared_values(study.search)
 
 
 def select(study: StudyConfig, results_dir: Path, top_per_loss: int) -> tuple[list[dict], list]:
     """Each compared value's best `top_per_loss` full-budget trials by validation accuracy,
     as candidates {value, config_id, config}; and a note on each value left out, and why."""
-    from analysis.results import comparison, ended_without_result, full_budget
+    from study.tables import comparison, ended_without_result, full_budget
 
-    trials_file = results_dir / "trials.csv"
+    trials_file = results_dir / TRIALS_FILE
     if not trials_file.is_file():
         raise ConfigError(f"--confirm: {results_dir} holds no trials.csv; run the study first")
     trials = pd.read_csv(trials_file, dtype={"trial_id": str})
@@ -174,7 +165,7 @@ def _recorder_class():
             for trial_id, row in self.trials.items():
                 row[EPOCHS_TO_90] = epochs_to_reach(self.epochs, trial_id)
             rows = confirm_rows(self.trials, self.key)
-            results.write_csv(self.results_dir.parent / CONFIRM_FILE, rows)
+            files.write_csv(self.results_dir.parent / CONFIRM_FILE, rows)
 
     return ConfirmRecorder
 

@@ -11,11 +11,12 @@ import shutil
 import time
 from pathlib import Path
 
-from study import results
+from study import files
 from study.config import METRIC, TIMINGS, TrialConfig, dump_yaml, flatten
 from study.data import CifarData
+from study.files import CONFIG_FILE, EPOCHS_FILE, MODEL_FILE, RESULT_FILE
 from study.trackers import LocalTrackers, Trackers
-from study.trainable import MODEL_FILE, EpochReporter, Outcome, train_and_evaluate
+from study.trainable import EpochReporter, Outcome, train_and_evaluate
 
 
 class LocalSink:
@@ -31,7 +32,7 @@ class LocalSink:
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
         self.rows.append(metrics)
-        results.write_csv(self.run_dir / "epochs.csv", self.rows)
+        files.write_csv(self.run_dir / EPOCHS_FILE, self.rows)
         if checkpoint:
             os.replace(checkpoint / MODEL_FILE, self.run_dir / MODEL_FILE)
             shutil.rmtree(checkpoint.parent, ignore_errors=True)
@@ -83,7 +84,7 @@ def run_local(
     and `trackers` (study.trackers.check_trackers); returns result.json. `reporter_class` as
     in `study.trainable.train_and_evaluate`."""
     run_dir.mkdir(parents=True)
-    results.write_text(run_dir / "config.yaml", dump_yaml(config))
+    files.write_text(run_dir / CONFIG_FILE, dump_yaml(config))
     tracked = LocalTrackers(
         trackers or Trackers(folder=run_dir), run_dir.name, flatten(config.to_dict())
     )
@@ -95,6 +96,6 @@ def run_local(
         tracked.close("error")
         raise
     summary = summarise(outcome, time.perf_counter() - started)
-    results.write_json(run_dir / "result.json", summary)
+    files.write_json(run_dir / RESULT_FILE, summary)
     tracked.close(outcome.status)
     return summary

@@ -14,10 +14,10 @@ from pathlib import Path
 import pandas as pd
 from ray import tune
 
-from study import results
+from study import files
 from study.calibration import RELIABILITY, RUN_FIGURES
 from study.config import METRIC, TIMINGS, flatten, from_params
-from study.results import EPOCHS_FILE, TRIALS_FILE
+from study.files import EPOCHS_FILE, TRIALS_FILE
 from study.statuses import DEAD, ORPHANED, UNFINISHED
 
 EPOCH_COLUMNS = (
@@ -130,8 +130,8 @@ class StudyRecorder(tune.Callback):
         return self.trials[trial.trial_id]
 
     def _save(self) -> None:
-        results.write_csv(self.results_dir / TRIALS_FILE, list(self.trials.values()))
-        results.write_csv(self.results_dir / EPOCHS_FILE, self.epochs)
+        files.write_csv(self.results_dir / TRIALS_FILE, list(self.trials.values()))
+        files.write_csv(self.results_dir / EPOCHS_FILE, self.epochs)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         row = self._row(trial)

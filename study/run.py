@@ -18,8 +18,14 @@ from pathlib import Path
 from study import backend
 from study.config import ConfigError
 from study.data import DataError
+from study.files import (
+    CONFIG_FILE,
+    EPOCHS_FILE,
+    MODEL_FILE,
+    RESULT_FILE,
+    check_folder,
+)
 from study.health import DEAD
-from study.results import check_folder
 from study.search_config import default_config, load_study
 from study.storage import is_uri
 
@@ -41,7 +47,7 @@ early (ASHA); results go to results/NAME/.
 Exit codes: 0 done, 2 bad input (one line naming the field), 3 a local trial diverged or
 died (learned nothing), 130 interrupted (the resume command is printed)."""
 
-LOCAL_FILES = ("config.yaml", "epochs.csv", "result.json", "model.keras")
+LOCAL_FILES = (CONFIG_FILE, EPOCHS_FILE, RESULT_FILE, MODEL_FILE)
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 

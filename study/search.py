@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
 from study.config import METRIC, MODE
-from study.results import EPOCHS_FILE
+from study.files import EPOCHS_FILE
 from study.search_config import CONFIG_FILE, OPTUNA_FILE, DefineByRun, SearchConfig
 from study.statuses import DEAD, ORPHANED
 

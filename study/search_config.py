@@ -32,7 +32,7 @@ from study.config import (
     read_yaml,
     set_value,
 )
-from study.results import CONFIG_FILE, OPTUNA_FILE  # noqa: F401  Imported from here too.
+from study.files import CONFIG_FILE, OPTUNA_FILE  # noqa: F401  Imported from here too.
 
 
 def default_config() -> Path:

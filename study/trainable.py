@@ -28,12 +28,12 @@ from study.config import (
     TrialConfig,
     from_params,
 )
+from study.files import MODEL_FILE
 from study.losses import build_loss, target_table
 from study.model import build_model
 from study.optimizers import build_optimizer
 from study.pipeline import Batches
 
-MODEL_FILE = "model.keras"
 STATE_FILE = "state.json"
 
 

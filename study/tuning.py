@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from study import backend, console, results, storage
+from study import backend, console, files, storage
 from study import data as data_lib
 from study.config import METRIC, MODE, ConfigError, flatten
-from study.results import STUDY_FILES
+from study.files import STUDY_FILES
 from study.search_config import (
     CONFIG_FILE,
     ONE_GPU,
@@ -107,7 +107,7 @@ def check_options(options: StudyOptions) -> None:
         raise ConfigError(f"--time-budget: {options.time_budget:g} s; it must be more than 0")
     if options.num_samples is not None and not options.resume:
         raise ConfigError("--num-samples: grows a study on --resume; a new study takes it")
-    results.check_folder(options.results_dir)
+    files.check_folder(options.results_dir)
     if options.remote_storage:
         storage.check(options.storage_path)
     check_address(options.address)
@@ -400,9 +400,9 @@ def this_run(study: StudyConfig, options: StudyOptions, settings, started, mirro
     the study's tables (made here, in every run, so that a study resumed from another
     folder or machine writes its tables there), the upload of the study's files to its
     bucket, the progress line, the time budget, and the trackers of --logger."""
-    from analysis.results import compared_key
     from study.callbacks import Mirrored, Progress, ThisRun, TimeBudget, tracker_loggers
     from study.records import StudyRecorder
+    from study.tables import compared_key
 
     search, epochs = study.search, study.trial.training.epochs
     recorder = StudyRecorder(options.results_dir, epochs, study.trial.to_dict())
@@ -520,7 +520,7 @@ def final_table(study: StudyConfig, results_dir: Path) -> str:
     """The end-of-study table: each value of what the study compares, at the full budget."""
     import pandas as pd
 
-    from analysis.results import compared_key, comparison, format_comparison, format_dead
+    from study.tables import compared_key, comparison, format_comparison, format_dead
 
     key, epochs = compared_key(study.search), study.trial.training.epochs
     path = results_dir / "trials.csv"
@@ -552,12 +552,12 @@ def resume_command(options: StudyOptions, phase: str = "") -> str:
 
 def write_config(study: StudyConfig, results_dir: Path) -> None:
     raw = {**study.trial.to_dict(), "search": study.search.model_dump(mode="json")}
-    results.write_text(results_dir / CONFIG_FILE, yaml.safe_dump(raw, sort_keys=False))
+    files.write_text(results_dir / CONFIG_FILE, yaml.safe_dump(raw, sort_keys=False))
 
 
 def time_line(folder: Path) -> str | None:
     """Where the trials' time went (starting, compiling, training), from the tables."""
-    from analysis.results import format_time_shares, read_table
+    from study.tables import format_time_shares, read_table
 
     trials, epochs = read_table(folder / "trials.csv"), read_table(folder / "epochs.csv")
     return format_time_shares(trials, epochs) if not trials.empty else None

@@ -242,7 +242,7 @@ def test_a_study_driver_leaves_scipy_until_the_confirmation_needs_it():
         "import json, sys\n"
         "import study.run, study.tuning, study.callbacks, study.confirm, analysis.results\n"
         "before = 'scipy' in sys.modules\n"
-        "from analysis import stats\n"
+        "from study import stats\n"
         "interval = stats.mean_interval([1.0, 2.0, 3.0])\n"
         "print(json.dumps([before, interval, 'scipy' in sys.modules]))\n"
     )

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from study import storage
-from study.results import STUDY_FILES
+from study.files import STUDY_FILES
 
 from .conftest import (
     RAY,

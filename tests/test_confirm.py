@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from analysis import confirmation
-from study import confirm
+from study import confirm, confirmation
 from study.config import ConfigError
 from study.search_config import load_study
 

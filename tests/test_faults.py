@@ -229,10 +229,10 @@ def test_results_files_survive_a_kill_mid_write(tmp_path):
     the file is always a whole table, old or new, never half of one."""
     path = tmp_path / "trials.csv"
     writer = (
-        "import sys; from study import results\n"
+        "import sys; from study import files\n"
         "rows = [{'trial_id': f't{i}', 'value': 'x' * 200} for i in range(5000)]\n"
         "for n in range(10**9):\n"
-        "    results.write_csv(sys.argv[1], [dict(r, n=n) for r in rows])\n"
+        "    files.write_csv(sys.argv[1], [dict(r, n=n) for r in rows])\n"
     )
 
     def writing() -> bool:

@@ -9,7 +9,7 @@ import pytest
 
 from study import storage
 from study.config import ConfigError
-from study.results import STUDY_FILES
+from study.files import STUDY_FILES
 from study.run import _options, parse_args
 
 from .conftest import free_port, run_cli, write_study_config

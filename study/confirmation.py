@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import stats
-from study.results import EPOCHS_TO_90
+from study import stats
+from study.files import EPOCHS_TO_90
 
 REFERENCE_LOSS = "categorical_crossentropy"  # The baseline's loss: what others are compared to.
 # How a run can end without a result: its seeds are listed, not averaged.
@@ -25,6 +25,12 @@ def lost_text(row: dict) -> str:
     """The seeds a summary row lost, in words: "1 diverged, 2 dead"."""
     counts = [(int(row.get(f"{status}_seeds", 0) or 0), status) for status in LOST]
     return ", ".join(f"{count} {status}" for count, status in counts if count)
+
+
+def reference_value(study, key: str):
+    """What every other value is compared with: the baseline's value of the key (for the
+    loss, cross-entropy where there is no baseline); None: the best."""
+    return study.search.baseline.get(key, REFERENCE_LOSS if key == "loss.name" else None)
 
 
 def read_confirm(path: Path) -> pd.DataFrame:

@@ -20,6 +20,8 @@ EPOCHS_FILE = "epochs.csv"  # One row per reported epoch.
 OPTUNA_FILE = "optuna.db"  # The Optuna studies (SQLite), one per stratum.
 CONFIRM_DIR = "confirm"  # The confirmation's Ray experiment, with its own tables.
 CONFIRM_FILE = "confirm.csv"  # One row per confirmation run.
+MODEL_FILE = "model.keras"  # A checkpoint's model (weights and optimizer state).
+RESULT_FILE = "result.json"  # How a local run ended.
 # A confirmation run's epochs to reach 90% of its own final validation accuracy: how fast
 # a loss learns, beside how well (a column of confirm.csv).
 EPOCHS_TO_90 = "epochs_to_90"
